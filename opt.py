@@ -1,0 +1,238 @@
+"""OPT, the frozen language model of eP-ALM, and its GPT-2 byte-level BPE tokenizer.
+
+A decoder-only transformer with learned positions (offset 2), pre-LayerNorm blocks (post-LayerNorm for
+opt-350m, which also projects 512-d word embeddings in and out of its 1024-d residual stream) and an LM head
+tied to the token embedding. Loads the official `facebook/opt-*` checkpoints.
+
+References:
+- Zhang et al. 2022, "OPT: Open Pre-trained Transformer Language Models", arXiv:2205.01068.
+- facebook/opt-* config.json and checkpoint layout on the Hugging Face hub.
+- karpathy/nanoGPT and pytorch-labs/gpt-fast for the shape of the code.
+"""
+import dataclasses
+import pathlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import hub
+
+POSITION_OFFSET = 2  # fairseq reserved two rows of the position table; checkpoints keep them
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+@dataclass
+class OPTConfig:
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 2048
+    word_embed_proj_dim: int = 768
+    do_layer_norm_before: bool = True
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    activation_function: str = "relu"
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+    remove_final_layer_norm: bool = False  # "_remove_final_layer_norm" in config.json; False for all official sizes
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OPTConfig":
+        d = dict(d)
+        if "_remove_final_layer_norm" in d:
+            d["remove_final_layer_norm"] = d["_remove_final_layer_norm"]
+        if d.get("word_embed_proj_dim") is None:  # older configs leave it out: no projection
+            d["word_embed_proj_dim"] = d.get("hidden_size", cls.hidden_size)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: v for k, v in d.items() if k in fields})
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"OPT config: hidden_size {config.hidden_size} is not divisible by "
+                             f"num_attention_heads {config.num_attention_heads}")
+        if config.activation_function not in ACTIVATIONS:
+            raise ValueError(f"OPT config: activation_function {config.activation_function!r} is not one of "
+                             f"{sorted(ACTIVATIONS)}")
+        return config
+
+    @classmethod
+    def from_name(cls, name: str) -> "OPTConfig":
+        short = name.split("/")[-1]
+        if short not in OFFICIAL_SIZES:
+            raise ValueError(f"OPT size {name!r} is unknown; known: {', '.join(OFFICIAL_SIZES)}")
+        hidden, layers, heads = OFFICIAL_SIZES[short]
+        config = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * hidden)
+        if short == "opt-350m":
+            config.update(word_embed_proj_dim=512, do_layer_norm_before=False)
+        return cls.from_dict(config)
+
+
+# name: (hidden_size, num_hidden_layers, num_attention_heads), from the official config.json files
+OFFICIAL_SIZES = {
+    "opt-125m": (768, 12, 12), "opt-350m": (1024, 24, 16), "opt-1.3b": (2048, 24, 32), "opt-2.7b": (2560, 32, 32),
+    "opt-6.7b": (4096, 32, 32), "opt-13b": (5120, 40, 40), "opt-30b": (7168, 48, 56), "opt-66b": (9216, 64, 72),
+}
+
+
+@dataclass
+class KVCache:
+    k: Tensor | None = None  # (B, H, S, head_dim)
+    v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def reorder(self, index: Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+def causal_mask(attention_mask: Tensor | None, new_tokens: int, cached: int = 0, device=None) -> Tensor:
+    """Bool (B or 1, 1, T, S) mask, True = may attend: causal, minus padded keys, plus every query's own key.
+
+    attention_mask is a (B, S) 0/1 tensor over cached + new tokens (S = cached + T), or None for no padding.
+    The diagonal stays open even on a pad so a fully padded query row softmaxes over something, not NaN."""
+    total = cached + new_tokens
+    if attention_mask is not None:
+        if attention_mask.shape[1] != total:
+            raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns, expected cached {cached} + "
+                             f"new {new_tokens} = {total}")
+        device = attention_mask.device
+    query_pos = torch.arange(cached, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    mask = (key_pos <= query_pos)[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+        mask = mask | (key_pos == query_pos)
+    return mask
+
+
+class Block(nn.Module):
+    """One decoder layer: self-attention then a ReLU MLP, each with a residual and a LayerNorm."""
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        d, bias, affine = config.hidden_size, config.enable_bias, config.layer_norm_elementwise_affine
+        self.n_head = config.num_attention_heads
+        self.pre_norm = config.do_layer_norm_before
+        self.activation = ACTIVATIONS[config.activation_function]
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=bias) for _ in range(3))
+        self.out_proj = nn.Linear(d, d, bias=bias)
+        self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+        self.fc1 = nn.Linear(d, config.ffn_dim, bias=bias)
+        self.fc2 = nn.Linear(config.ffn_dim, d, bias=bias)
+        self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+
+    def attention(self, x: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.n_head, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        cached = 0
+        if cache is not None:
+            cached = cache.length
+            k, v = cache.append(k, v)
+        if mask is None and cached > 0 and T > 1:  # is_causal aligns top-left, wrong once keys outnumber queries
+            mask = causal_mask(None, T, cached, device=x.device)
+        is_causal = mask is None and cached == 0 and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        if self.pre_norm:
+            x = x + self.attention(self.self_attn_layer_norm(x), mask, cache)
+            return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
+        x = self.self_attn_layer_norm(x + self.attention(x, mask, cache))  # opt-350m: post-LayerNorm
+        return self.final_layer_norm(x + self.fc2(self.activation(self.fc1(x))))
+
+
+class OPT(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.config = config
+        d, e = config.hidden_size, config.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, e)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, d)
+        self.project_in = nn.Linear(e, d, bias=False) if e != d else nn.Identity()
+        self.project_out = nn.Linear(d, e, bias=False) if e != d else nn.Identity()
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        final_norm = config.do_layer_norm_before and not config.remove_final_layer_norm
+        self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=config.layer_norm_elementwise_affine) \
+            if final_norm else nn.Identity()
+
+    @staticmethod
+    def position_ids(attention_mask: Tensor) -> Tensor:
+        mask = attention_mask.long()
+        return (mask.cumsum(1) * mask - 1).clamp(min=0)  # left pads: position 0, real tokens count from 0
+
+    def positions(self, position_ids: Tensor) -> Tensor:
+        return self.embed_positions(position_ids + POSITION_OFFSET)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return F.linear(self.project_out(self.final_layer_norm(h)), self.embed_tokens.weight)
+
+    def new_caches(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                caches: list[KVCache] | None = None) -> Tensor:
+        B, T = input_ids.shape
+        if caches is not None and len(caches) != len(self.layers):
+            raise ValueError(f"caches has {len(caches)} entries, the model has {len(self.layers)} layers")
+        cached = caches[0].length if caches is not None else 0
+        if attention_mask is None:
+            position_ids = torch.arange(cached, cached + T, device=input_ids.device).expand(B, T)
+            mask = None  # plain causal; Block handles the cache offset
+        else:
+            position_ids = self.position_ids(attention_mask)[:, cached:]
+            mask = causal_mask(attention_mask, T, cached)
+        if cached + T > self.config.max_position_embeddings:  # bound on the positions, without a device sync
+            raise ValueError(f"sequence of {cached + T} tokens exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        x = self.project_in(self.embed_tokens(input_ids)) + self.positions(position_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, caches[i] if caches is not None else None)
+        return self.logits(x)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "OPT":
+        folder = hub.resolve(name_or_path)
+        config = OPTConfig.from_dict(hub.read_json(folder))
+        with torch.device("meta"):
+            model = cls(config)
+        dtype = dtype or torch.float32
+        state = {}
+        for key, tensor in hub.load_state_dict(folder, dtype).items():  # cast while reading: fp16 files, fp32 model
+            if key == "lm_head.weight":  # tied to embed_tokens
+                continue
+            key = key.removeprefix("model.").removeprefix("decoder.").replace("self_attn.", "")
+            state[key] = tensor
+        hub.load_weights(model, state, dtype, source=str(folder))
+        return model.eval()
+
+
+def load_tokenizer(name_or_path: str):
+    """OPT's tokenizer: GPT-2 byte-level BPE with OPT's ids, `</s>` (id 2) prepended as BOS, `<pad>` id 1."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    folder = pathlib.Path(hub.resolve(name_or_path, extra_files=("tokenizer.json", "vocab.json", "merges.txt")))
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name}: missing, and no tokenizer.json to use instead")
+    tokenizer = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>"])  # already in vocab.json: keeps their ids
+    bos = tokenizer.token_to_id("</s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B:1", special_tokens=[("</s>", bos)])
+    return tokenizer
