@@ -73,22 +73,31 @@ def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int, zero_crossin
     half_width = math.ceil(zero_crossings / (2 * cutoff))  # taps on each side, in input samples
     offsets = torch.arange(-half_width, half_width + 2)
 
-    def kernel(frac):  # (outputs, taps) weights for outputs lying `frac` input samples after their base sample
+    def kernel(frac):  # (len(frac), taps) weights of outputs lying frac (0..1) input samples after their base
         t = frac[:, None] - offsets[None, :]
         window = torch.special.i0(beta * torch.sqrt(torch.clamp(1 - (t / half_width) ** 2, min=0.0)))
         window = torch.where(t.abs() <= half_width, window / torch.special.i0(torch.tensor(beta)), 0.0)
         return 2 * cutoff * torch.sinc(2 * cutoff * t) * window
 
-    # only `up` distinct fractional offsets exist: tabulate them once unless the table would be huge
-    table = kernel(torch.arange(up, dtype=torch.float64) / up) if up * offsets.numel() <= 2 ** 22 else None
-    x = torch.nn.functional.pad(waveform.to(torch.float64), (half_width, half_width + 1))
+    taps = offsets.numel()
     num_out = math.ceil(waveform.numel() * up / down)
+    x = torch.nn.functional.pad(waveform.to(torch.float64), (half_width, half_width + 1 + down))
+    if up * (down + taps) <= 2 ** 22:
+        # polyphase: output q * up + r reads inputs from q * down + first[r], always with the same weights, so
+        # one strided convolution with `up` kernels computes them all
+        r = torch.arange(up)
+        first, phase = (r * down) // up, (r * down) % up
+        bank = torch.zeros(up, down + taps, dtype=torch.float64)
+        bank[r[:, None], first[:, None] + torch.arange(taps)] = kernel(phase.to(torch.float64) / up)
+        out = torch.nn.functional.conv1d(x[None, None], bank[:, None], stride=down)[0]
+        return out.T.reshape(-1)[:num_out].to(torch.float32)
+    # rates with a huge least common multiple: gather the taps of each output, a chunk at a time
     out = torch.empty(num_out, dtype=torch.float64)
-    chunk = max(1, 2 ** 22 // offsets.numel())  # bound the (outputs, taps) gather to ~32 MB
+    chunk = max(1, 2 ** 22 // taps)
     for start in range(0, num_out, chunk):
         j = torch.arange(start, min(start + chunk, num_out), dtype=torch.int64)
         base, phase = (j * down) // up, (j * down) % up
-        weights = table[phase] if table is not None else kernel(phase.to(torch.float64) / up)
+        weights = kernel(phase.to(torch.float64) / up)
         out[start:start + j.numel()] = (x[base[:, None] + offsets[None, :] + half_width] * weights).sum(dim=1)
     return out.to(torch.float32)
 
