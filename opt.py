@@ -134,7 +134,8 @@ class Block(nn.Module):
 
     def attention(self, x: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
         B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_head, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         cached = 0
         if cache is not None:
             cached = cache.length
@@ -154,6 +155,8 @@ class Block(nn.Module):
 
 
 class OPT(nn.Module):
+    """Token + position embeddings, the decoder layers, and the LM head tied to the token embedding."""
+
     def __init__(self, config: OPTConfig):
         super().__init__()
         self.config = config
