@@ -114,3 +114,90 @@ def preprocess(waveform: torch.Tensor, sample_rate: int, target_length: int = 10
 
 
 # ---- model: AST (section owned by the encoder work) ----
+# A ViT over the (frames, mel) spectrogram: overlapping 16x16 patches (strides from the config, 10x10 for the
+# AudioSet checkpoint: 12x101 patches for 128x1024), a [CLS] and a distillation token, then ViT blocks. eP-ALM
+# injects token 0, the [CLS] (not the cls/distillation average AST's own classifier uses).
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+import hub
+from vit import HF_RULES, Block, config_from_dict, fuse_qkv, rename_keys, run_blocks
+
+
+@dataclass
+class ASTConfig:
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12  # HF checkpoints; the original AST code uses 1e-6: always read config.json
+    patch_size: int = 16
+    qkv_bias: bool = True
+    frequency_stride: int = 10
+    time_stride: int = 10
+    max_length: int = 1024  # spectrogram frames
+    num_mel_bins: int = 128
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ASTConfig":
+        return config_from_dict(cls, d)
+
+    @classmethod
+    def from_name(cls, name: str) -> "ASTConfig":
+        # "ast-base" or "MIT/ast-finetuned-audioset-{fstride}-{tstride}-{mAP}"
+        short = name.split("/")[-1]
+        if short == "ast-base":
+            return cls()
+        m = re.fullmatch(r"ast-finetuned-audioset-(\d+)-(\d+)-[\d.]+", short)
+        if m is None:
+            raise ValueError(f"unknown AST name {name!r} (expected 'ast-base' or "
+                             "'MIT/ast-finetuned-audioset-10-10-0.4593')")
+        return cls(frequency_stride=int(m.group(1)), time_stride=int(m.group(2)))
+
+
+class AST(nn.Module):
+    def __init__(self, config: ASTConfig):
+        super().__init__()
+        self.config = c = config
+        self.hidden_size = D = c.hidden_size
+        self.grid = ((c.num_mel_bins - c.patch_size) // c.frequency_stride + 1,
+                     (c.max_length - c.patch_size) // c.time_stride + 1)  # (frequency, time) patches
+        self.patch_embed = nn.Conv2d(1, D, c.patch_size, stride=(c.frequency_stride, c.time_stride))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 2, D))
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.norm = nn.LayerNorm(D, eps=c.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
+        if x.ndim != 3 or x.shape[1:] != (self.config.max_length, self.config.num_mel_bins):
+            raise ValueError(f"AST input must be (B, {self.config.max_length}, {self.config.num_mel_bins}) "
+                             f"(frames, mel bins), got {tuple(x.shape)} (run preprocess first)")
+        B = x.shape[0]
+        x = self.patch_embed(x.transpose(1, 2).unsqueeze(1)).flatten(2).transpose(1, 2)  # frequency-major
+        x = torch.cat([self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1), x], 1) + self.pos_embed
+        return run_blocks(self.blocks, self.norm, x, last)
+
+    def preprocess(self, waveforms: list) -> torch.Tensor:
+        """A list of 1-D float waveforms at 16 kHz -> (B, max_length, 128) normalised fbank features."""
+        if not isinstance(waveforms, (list, tuple)) or not waveforms:
+            raise TypeError("AST.preprocess expects a non-empty list of 1-D waveforms at 16 kHz")
+        if self.config.num_mel_bins != 128:
+            raise ValueError(f"AST.preprocess computes 128 mel bins, the config has {self.config.num_mel_bins}")
+        return torch.stack([preprocess(torch.as_tensor(w, dtype=torch.float32), AST_SAMPLE_RATE,
+                                       self.config.max_length) for w in waveforms])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "AST":
+        folder = hub.resolve(name_or_path)
+        config = ASTConfig.from_dict(hub.read_json(folder))
+        rules = [(r"^embeddings\.distillation_token$", "dist_token")] + HF_RULES
+        state = rename_keys(fuse_qkv(hub.load_state_dict(folder)), rules,
+                            prefixes=("audio_spectrogram_transformer.",), drop=("classifier.",))
+        with torch.device("meta"):
+            model = cls(config)
+        hub.load_weights(model, state, dtype or torch.float32, source=str(folder))
+        return model.eval()

@@ -1,0 +1,299 @@
+"""Parity of vit.py, timesformer.py and the AST in ast_audio.py with transformers' ViTModel, TimesformerModel and
+ASTModel (tiny random models saved in the hub layout), timm-layout loading, preprocessing against transformers'
+image processors on real photos/video, and parameter counts of the official shapes."""
+import json
+import wave
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import TESTDATA
+from ast_audio import AST, ASTConfig
+from timesformer import TimeSformer, TimeSformerConfig
+from vit import ViT, ViTConfig
+
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+PHOTOS = ["COCO_val2014_000000262148.jpg", "hopper.jpg", "hopper_gray.jpg"]
+
+
+def reference_levels(ref, inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every block's output through the reference's final LayerNorm, and its last_hidden_state."""
+    with torch.no_grad():
+        out = ref(inputs, output_hidden_states=True)
+        n = ref.config.num_hidden_layers
+        assert len(out.hidden_states) == n + 1  # embeddings, then one per block
+        return [ref.layernorm(h) for h in out.hidden_states[1:]], out.last_hidden_state
+
+
+def assert_levels(ours: list, expected: list, last_hidden: torch.Tensor):
+    assert len(ours) == len(expected)
+    for i, (a, b) in enumerate(zip(ours, expected)):
+        assert a.shape == b.shape, i
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"level {i}")
+    torch.testing.assert_close(ours[-1], last_hidden, atol=1e-4, rtol=1e-4)
+
+
+def save_reference(model, folder):
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+# ---- ViT ----
+
+@pytest.mark.parametrize("head", [False, True])
+def test_vit_matches_transformers_every_level(tmp_path, head):
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(**TINY, image_size=32, patch_size=8)
+    if head:  # keys under "vit." plus a classifier to drop
+        full = transformers.ViTForImageClassification(cfg).eval()
+        save_reference(full, tmp_path)
+        ref = full.vit
+    else:  # ViTModel saves a pooler to drop
+        ref = transformers.ViTModel(cfg).eval()
+        save_reference(ref, tmp_path)
+    model = ViT.from_pretrained(str(tmp_path))
+    assert not model.training and model.hidden_size == 32 and model.cls_token.dtype == torch.float32
+    x = torch.randn(2, 3, 32, 32)
+    expected, last_hidden = reference_levels(ref.eval(), x)
+    with torch.no_grad():
+        assert_levels(model(x), expected, last_hidden)
+        last2 = model(x, last=2)
+    assert len(last2) == 2
+    for a, b in zip(last2, expected[-2:]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="last=4"):
+        model(x, last=4)
+    with pytest.raises(ValueError, match="16x16"):
+        model(torch.randn(1, 3, 16, 16))
+    half = ViT.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    assert half.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(half(x.bfloat16(), last=1)[0].float(), last_hidden, atol=0.1, rtol=0.05)
+
+
+def hf_vit_to_timm(state: dict, n_layers: int) -> dict:
+    """The timm layout of an HF ViTModel state dict, built key by key the way timm names things."""
+    out = {"cls_token": state["embeddings.cls_token"], "pos_embed": state["embeddings.position_embeddings"],
+           "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
+           "norm.weight": state["layernorm.weight"], "norm.bias": state["layernorm.bias"],
+           "head.weight": torch.zeros(5, 32), "head.bias": torch.zeros(5)}
+    for i in range(n_layers):
+        hf, tm = f"encoder.layer.{i}.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            out[tm + f"attn.qkv.{p}"] = torch.cat([state[hf + f"attention.attention.{n}.{p}"]
+                                                   for n in ("query", "key", "value")])
+            out[tm + f"attn.proj.{p}"] = state[hf + f"attention.output.dense.{p}"]
+            out[tm + f"norm1.{p}"] = state[hf + f"layernorm_before.{p}"]
+            out[tm + f"norm2.{p}"] = state[hf + f"layernorm_after.{p}"]
+            out[tm + f"mlp.fc1.{p}"] = state[hf + f"intermediate.dense.{p}"]
+            out[tm + f"mlp.fc2.{p}"] = state[hf + f"output.dense.{p}"]
+    return out
+
+
+def test_vit_timm_layout_gives_identical_output(tmp_path):
+    torch.manual_seed(1)
+    cfg = transformers.ViTConfig(**TINY, image_size=32, patch_size=8, layer_norm_eps=1e-6)  # timm's eps
+    ref = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    timm_dir = tmp_path / "timm"
+    timm_dir.mkdir()
+    save_file(hf_vit_to_timm(load_file(tmp_path / "hf" / "model.safetensors"), 3), timm_dir / "model.safetensors")
+    (timm_dir / "config.json").write_text(json.dumps({
+        "architecture": "vit_base_patch16_224", "num_classes": 5,
+        "model_args": {"embed_dim": 32, "depth": 3, "num_heads": 4, "mlp_ratio": 2.0, "img_size": 32,
+                       "patch_size": 8},
+        "pretrained_cfg": {"tag": "augreg_in21k_ft_in1k", "input_size": [3, 32, 32], "interpolation": "bicubic",
+                           "crop_pct": 0.9, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
+    model = ViT.from_pretrained(str(timm_dir))
+    assert model.config.layer_norm_eps == 1e-6 and model.norm.eps == 1e-6
+    x = torch.randn(2, 3, 32, 32)
+    expected, last_hidden = reference_levels(ref, x)
+    with torch.no_grad():
+        assert_levels(model(x), expected, last_hidden)
+    # timm's eval transform: short side to floor(32 / 0.9) = 35 with bicubic, center crop 32
+    assert (model.transform.shortest_edge, model.transform.crop, model.transform.resample) == (35, (32, 32), 3)
+
+
+def test_vit_preprocess_matches_vit_image_processor(tmp_path):
+    images = [Image.open(TESTDATA / "images" / name) for name in PHOTOS]
+    model = ViT(ViTConfig(**TINY, image_size=224, patch_size=16))  # defaults: 224x224 bilinear, mean = std = 0.5
+    expected = transformers.ViTImageProcessor()([im.convert("RGB") for im in images], return_tensors="pt")
+    torch.testing.assert_close(model.preprocess(images), expected["pixel_values"], atol=1e-5, rtol=0)
+    # settings read from a checkpoint's preprocessor_config.json (non-default size, resample and statistics)
+    torch.manual_seed(2)
+    save_reference(transformers.ViTModel(transformers.ViTConfig(**TINY, image_size=32, patch_size=8)), tmp_path)
+    processor = transformers.ViTImageProcessor(size={"height": 40, "width": 56}, resample=3,
+                                               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    processor.save_pretrained(tmp_path)
+    loaded = ViT.from_pretrained(str(tmp_path))
+    expected = processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    assert expected.shape == (3, 3, 40, 56)
+    torch.testing.assert_close(loaded.preprocess(images), expected, atol=1e-5, rtol=0)
+
+
+def test_vit_bad_checkpoint_names_the_keys(tmp_path):
+    torch.manual_seed(3)
+    save_reference(transformers.ViTModel(transformers.ViTConfig(**TINY, image_size=32, patch_size=8)), tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["encoder.layer.1.output.dense.bias"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc2\.bias"):
+        ViT.from_pretrained(str(tmp_path))
+
+
+# ---- TimeSformer ----
+
+def tiny_timesformer(tmp_path, num_frames=4, seed=4):
+    torch.manual_seed(seed)
+    cfg = transformers.TimesformerConfig(**TINY, image_size=32, patch_size=8, num_frames=num_frames)
+    full = transformers.TimesformerForVideoClassification(cfg).eval()  # "timesformer." keys + a classifier
+    full.save_pretrained(tmp_path)
+    return full.timesformer
+
+
+def test_timesformer_matches_transformers_every_level(tmp_path):
+    ref = tiny_timesformer(tmp_path)
+    model = TimeSformer.from_pretrained(str(tmp_path))
+    assert not model.training and model.hidden_size == 32
+    x = torch.randn(2, 4, 3, 32, 32)
+    expected, last_hidden = reference_levels(ref, x)
+    assert last_hidden.shape == (2, 1 + 16 * 4, 32)
+    with torch.no_grad():
+        assert_levels(model(x), expected, last_hidden)
+        last1 = model(x, last=1)
+    assert len(last1) == 1
+    torch.testing.assert_close(last1[0], last_hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_timesformer_fewer_frames_interpolates_time_embeddings(tmp_path):
+    """transformers' embeddings interpolate the time embeddings (nearest) for T != num_frames, but its layers reshape
+    with config.num_frames, so its own model cannot run a 2-frame clip on a 4-frame checkpoint. The reference is
+    therefore a num_frames=2 TimesformerModel holding the same weights and the nearest-interpolated time
+    embeddings; that this interpolation is transformers' own is checked on its embeddings module."""
+    ref4 = tiny_timesformer(tmp_path / "ckpt")
+    model = TimeSformer.from_pretrained(str(tmp_path / "ckpt"))
+    ref2 = transformers.TimesformerModel(transformers.TimesformerConfig(
+        **TINY, image_size=32, patch_size=8, num_frames=2)).eval()
+    state = ref4.state_dict()
+    state["embeddings.time_embeddings"] = F.interpolate(
+        state["embeddings.time_embeddings"].transpose(1, 2), size=2, mode="nearest").transpose(1, 2)
+    ref2.load_state_dict(state)
+    x = torch.randn(2, 2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ref4.embeddings(x), ref2.embeddings(x))
+    expected, last_hidden = reference_levels(ref2, x)
+    with torch.no_grad():
+        assert_levels(model(x), expected, last_hidden)
+
+
+def video_frames(path, n):
+    with av.open(str(path)) as container:
+        frames = [f.to_image() for _, f in zip(range(n), container.decode(video=0))]
+    assert len(frames) == n
+    return frames
+
+
+def test_timesformer_preprocess_matches_videomae_image_processor(tmp_path):
+    clip = video_frames(TESTDATA / "video" / "armwrestling_340x256.mp4", 3)
+    photos = [Image.open(TESTDATA / "images" / name).convert("RGB") for name in PHOTOS]
+    model = TimeSformer(TimeSformerConfig(**TINY))  # defaults: short side 224, center crop 224, 0.45 / 0.225
+    processor = transformers.VideoMAEImageProcessor(image_mean=[0.45] * 3, image_std=[0.225] * 3)
+    expected = processor([clip, photos], return_tensors="pt")["pixel_values"]
+    assert expected.shape == (2, 3, 3, 224, 224)
+    torch.testing.assert_close(model.preprocess([clip, photos]), expected, atol=1e-5, rtol=0)
+    # settings from a checkpoint's preprocessor_config.json
+    tiny_timesformer(tmp_path)
+    processor = transformers.VideoMAEImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 36},
+                                                    image_mean=[0.45] * 3, image_std=[0.225] * 3, resample=3)
+    processor.save_pretrained(tmp_path)
+    loaded = TimeSformer.from_pretrained(str(tmp_path))
+    expected = processor([clip], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(loaded.preprocess([clip]), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="frame counts"):
+        model.preprocess([clip, clip[:2]])
+
+
+# ---- AST ----
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-6])
+def test_ast_matches_transformers_every_level(tmp_path, eps):
+    torch.manual_seed(5)
+    cfg = transformers.ASTConfig(**TINY, num_mel_bins=32, max_length=64, layer_norm_eps=eps,
+                                 frequency_stride=10, time_stride=12)
+    full = transformers.ASTForAudioClassification(cfg).eval()  # "audio_spectrogram_transformer." + classifier
+    full.save_pretrained(tmp_path)
+    model = AST.from_pretrained(str(tmp_path))
+    assert model.norm.eps == eps and model.blocks[0].norm1.eps == eps
+    x = torch.randn(2, 64, 32)
+    expected, last_hidden = reference_levels(full.audio_spectrogram_transformer, x)
+    assert last_hidden.shape == (2, 2 + 2 * 5, 32)  # (32-16)//10+1 = 2 by (64-16)//12+1 = 5 patches
+    with torch.no_grad():
+        assert_levels(model(x), expected, last_hidden)
+        last2 = model(x, last=2)
+    for a, b in zip(last2, expected[-2:]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="frames, mel bins"):
+        model(torch.randn(2, 32, 64))
+
+
+def read_wav(path) -> np.ndarray:
+    with wave.open(str(path)) as f:
+        assert f.getsampwidth() == 2 and f.getnchannels() == 1 and f.getframerate() == 16000
+        return np.frombuffer(f.readframes(f.getnframes()), dtype="<i2").astype(np.float32) / 32768
+
+
+def test_ast_preprocess_matches_ast_feature_extractor():
+    speech = read_wav(TESTDATA / "audio" / "speech_16k_mono.wav")
+    waves = [speech[:16000], speech[:4000]]  # 98 frames (cut to 64) and 23 frames (zero-padded)
+    model = AST(ASTConfig(**TINY, max_length=64))
+    extractor = transformers.ASTFeatureExtractor(max_length=64)
+    expected = extractor(waves, sampling_rate=16000, return_tensors="pt")["input_values"]
+    ours = model.preprocess(waves)
+    assert ours.shape == expected.shape == (2, 64, 128)
+    # transformers' numpy fbank (no torchaudio here) and ours differ by float rounding (~4e-6 seen)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    assert (ours[1, 23:] == expected[1, 23:]).all()  # the padding rows: normalised zeros
+
+
+# ---- official shapes ----
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, ours, reference", [
+    ("vit-base-patch16-224", lambda n: ViT(ViTConfig.from_name(n)),
+     lambda: transformers.ViTModel(transformers.ViTConfig(), add_pooling_layer=False)),
+    ("google/vit-large-patch16-224", lambda n: ViT(ViTConfig.from_name(n)),
+     lambda: transformers.ViTModel(transformers.ViTConfig(hidden_size=1024, num_hidden_layers=24,
+                                                          num_attention_heads=16, intermediate_size=4096),
+                                   add_pooling_layer=False)),
+    ("timesformer-base", lambda n: TimeSformer(TimeSformerConfig.from_name(n)),
+     lambda: transformers.TimesformerModel(transformers.TimesformerConfig())),
+    ("MIT/ast-finetuned-audioset-10-10-0.4593", lambda n: AST(ASTConfig.from_name(n)),
+     lambda: transformers.ASTModel(transformers.ASTConfig())),
+])
+def test_official_shapes_parameter_counts(name, ours, reference):
+    with torch.device("meta"):
+        a, b = ours(name), reference()
+    assert count(a) == count(b)
+    if name.startswith("vit-base"):
+        assert round(count(a) / 1e6) == 86  # the paper's "ViT-B, 86M" (85.8M without the classifier)
+
+
+def test_from_name_rejects_unknown_names_and_reads_official_shapes():
+    assert ViTConfig.from_name("timm/vit_base_patch16_224.augreg_in21k_ft_in1k").layer_norm_eps == 1e-6
+    assert ViTConfig.from_name("google/vit-base-patch16-224").layer_norm_eps == 1e-12
+    ast = AST(ASTConfig.from_name("ast-base"))
+    assert ast.grid == (12, 101) and ast.pos_embed.shape == (1, 12 * 101 + 2, 768)
+    assert TimeSformerConfig.from_name("facebook/timesformer-base-finetuned-k600").num_frames == 8
+    for fn in (ViTConfig.from_name, TimeSformerConfig.from_name, ASTConfig.from_name):
+        with pytest.raises(ValueError, match="resnet-50"):
+            fn("resnet-50")
