@@ -238,7 +238,7 @@ def transform_from_timm(pretrained_cfg: dict) -> ImageTransform:
     size = pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
     return ImageTransform(resize=None, shortest_edge=math.floor(size / pretrained_cfg.get("crop_pct", 0.875)),
-                          crop=(size, size), resample=resample.get(pretrained_cfg.get("interpolation"), 3),
+                          crop=(size, size), resample=resample.get(pretrained_cfg.get("interpolation"), Image.Resampling.BICUBIC),
                           mean=tuple(pretrained_cfg.get("mean", (0.5,) * 3)),
                           std=tuple(pretrained_cfg.get("std", (0.5,) * 3)))
 
