@@ -236,9 +236,9 @@ def transform_from_hf(d: dict, default: ImageTransform, int_size_is_square: bool
 def transform_from_timm(pretrained_cfg: dict) -> ImageTransform:
     """timm's eval transform: resize the short side to size / crop_pct, center crop, its own mean/std."""
     size = pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+    resample = {"bilinear": Image.Resampling.BILINEAR}.get(pretrained_cfg.get("interpolation"), Image.Resampling.BICUBIC)
     return ImageTransform(resize=None, shortest_edge=math.floor(size / pretrained_cfg.get("crop_pct", 0.875)),
-                          crop=(size, size), resample=resample.get(pretrained_cfg.get("interpolation"), Image.Resampling.BICUBIC),
+                          crop=(size, size), resample=resample,
                           mean=tuple(pretrained_cfg.get("mean", (0.5,) * 3)),
                           std=tuple(pretrained_cfg.get("std", (0.5,) * 3)))
 
