@@ -236,7 +236,8 @@ def transform_from_hf(d: dict, default: ImageTransform, int_size_is_square: bool
 def transform_from_timm(pretrained_cfg: dict) -> ImageTransform:
     """timm's eval transform: resize the short side to size / crop_pct, center crop, its own mean/std."""
     size = pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    resample = {"bilinear": Image.Resampling.BILINEAR}.get(pretrained_cfg.get("interpolation"), Image.Resampling.BICUBIC)
+    bilinear = pretrained_cfg.get("interpolation") == "bilinear"
+    resample = Image.Resampling.BILINEAR if bilinear else Image.Resampling.BICUBIC
     return ImageTransform(resize=None, shortest_edge=math.floor(size / pretrained_cfg.get("crop_pct", 0.875)),
                           crop=(size, size), resample=resample,
                           mean=tuple(pretrained_cfg.get("mean", (0.5,) * 3)),
