@@ -29,7 +29,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 # in order of preference; an index names its shards in "weight_map"
-WEIGHT_LAYOUTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+WEIGHT_LAYOUTS = ("model.safetensors.index.json", "model.safetensors",
+                  "pytorch_model.bin.index.json", "pytorch_model.bin")
 TIMEOUT_S = 30  # per connection attempt and per read: a dead network gives an error, never a hang
 CHUNK_BYTES = 1 << 20
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -85,7 +86,8 @@ def resolve(name_or_path: str, extra_files: tuple[str, ...] = ()) -> Path:
     repo = str(name_or_path)
     if not REPO_ID.fullmatch(repo):
         raise FileNotFoundError(f"{name_or_path}: no such folder, and not a hub id like 'facebook/opt-125m'")
-    ours = Path(os.environ.get("EPALM_CACHE") or Path.home() / ".cache" / "epalm").expanduser() / "hub" / repo.replace("/", "--")
+    cache = Path(os.environ.get("EPALM_CACHE") or Path.home() / ".cache" / "epalm").expanduser()
+    ours = cache / "hub" / repo.replace("/", "--")
     snapshot = _hf_cache_snapshot(repo)
     if snapshot is not None:
         no_exist = snapshot.parent.parent / ".no_exist" / snapshot.name
@@ -165,7 +167,8 @@ def _download(url: str, dest: Path, label: str) -> bool:
         if have and resp.status != 206:  # the server ignored the Range header: start over
             have = 0
         if resp.headers.get("Content-Encoding", "identity") != "identity":
-            raise RuntimeError(f"cannot download {label}: unexpected Content-Encoding {resp.headers['Content-Encoding']}")
+            raise RuntimeError(f"cannot download {label}: unexpected Content-Encoding "
+                               f"{resp.headers['Content-Encoding']}")
         with open(part, "ab" if have else "wb") as f, tqdm(total=size, initial=have, unit="B", unit_scale=True,
                                                            unit_divisor=1024, desc=label) as bar:
             try:
@@ -173,7 +176,8 @@ def _download(url: str, dest: Path, label: str) -> bool:
                     f.write(chunk)
                     bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as e:
-                raise ConnectionError(f"cannot download {label}: interrupted ({e}); run again to resume from {part}") from e
+                raise ConnectionError(f"cannot download {label}: interrupted ({e}); "
+                                      f"run again to resume from {part}") from e
     got = part.stat().st_size
     if size is not None and got != size:
         if got > size:
@@ -214,7 +218,9 @@ def _open(url: str, label: str, start: int):
                 return None
             if e.code == 416:
                 raise
-            why = "repository not found, private or gated (set HF_TOKEN)" if e.code in (401, 403) else e.reason
+            why = e.reason
+            if e.code in (401, 403):
+                why = "no such repository (nor local folder), or it is private or gated (set HF_TOKEN)"
             raise RuntimeError(f"cannot download {label}: HTTP {e.code} {why}") from e
         except (urllib.error.URLError, OSError) as e:
             raise ConnectionError(f"cannot download {label}: no network ({getattr(e, 'reason', e)}); "
@@ -302,7 +308,8 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: 
              for k, c in take.items() if state[c].shape != expected[k].shape]
     if missing or unexpected or wrong:
         problems = [f"{what} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
-                    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+                    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                    if keys]
         raise ValueError(f"{source or 'checkpoint'}: does not fit {type(model).__name__}: {'; '.join(problems)}")
     loaded, done = {}, set()
     for k, c in take.items():

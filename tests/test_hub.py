@@ -33,7 +33,7 @@ class FakeHub:
     """http.server on 127.0.0.1 serving repos from root/{org}/{name}/; records every request."""
 
     def __init__(self, root: Path):
-        self.root, self.requests, self.bad_sha = root, [], set()
+        self.root, self.requests, self.bad_sha, self.drop_after = root, [], set(), None
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -72,6 +72,11 @@ class FakeHub:
                     self.send_header("ETag", f'"{sha1}"')
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
+                if cdn and fake.drop_after is not None:  # the connection dies mid-file
+                    self.wfile.write(data[start:start + fake.drop_after])
+                    fake.drop_after = None
+                    self.close_connection = True
+                    return
                 self.wfile.write(data[start:])
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -141,6 +146,18 @@ def test_resume_partial_file(fake_hub, reference, tmp_path):
     assert (f"/cdn/{REPO}/model.safetensors", f"bytes={half}-") in fake_hub.requests
     assert (folder / "model.safetensors").read_bytes() == data
     assert not (folder / "model.safetensors.part").exists()
+
+
+def test_dropped_connection_keeps_the_part_and_resumes(fake_hub, reference, tmp_path):
+    data = (reference[1] / REPO / "model.safetensors").read_bytes()
+    folder = tmp_path / "epalm" / "hub" / "tiny-org--tiny-opt"
+    fake_hub.drop_after = 1000
+    with pytest.raises(ConnectionError, match=f"{REPO}/model.safetensors: got 1000 of {len(data)} bytes; run again"):
+        hub.resolve(REPO)
+    assert (folder / "model.safetensors.part").stat().st_size == 1000 and not (folder / "model.safetensors").exists()
+    assert hub.resolve(REPO) == folder
+    assert fake_hub.requests[-1] == (f"/cdn/{REPO}/model.safetensors", "bytes=1000-")
+    assert (folder / "model.safetensors").read_bytes() == data
 
 
 def test_corrupt_partial_file_is_discarded(fake_hub, reference, tmp_path):
