@@ -80,6 +80,8 @@ def weight_files(folder: Path) -> list[str] | None:
 
 
 def resolve(name_or_path: str, extra_files: tuple[str, ...] = ()) -> Path:
+    """A local folder as is; for a hub id, a folder with config.json, the weights and whichever of extra_files
+    the repo has: the Hugging Face cache's snapshot when complete, else our cache, downloading what is missing."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -99,6 +101,10 @@ def resolve(name_or_path: str, extra_files: tuple[str, ...] = ()) -> Path:
                 (ours / f).parent.mkdir(parents=True, exist_ok=True)
                 os.symlink((snapshot / f).resolve(), ours / f)
     absent = ours / ".absent"  # extra files the hub answered 404 for, so a later call asks no more
+    for f in extra_files if snapshot is not None else ():
+        if (no_exist / f).exists():
+            (absent / f).parent.mkdir(parents=True, exist_ok=True)
+            (absent / f).touch()
     if (ours / "config.json").is_file() and weight_files(ours) and all(
             (ours / f).is_file() or (absent / f).exists() for f in extra_files):
         return ours

@@ -208,8 +208,8 @@ def test_hf_cache_hit_makes_no_request(fake_hub, reference, tmp_path):
 
 
 def test_hf_cache_without_an_extra_file_downloads_only_that(fake_hub, reference, tmp_path):
-    snapshot = make_hf_cache(tmp_path, reference[1], ["config.json", "model.safetensors"])
-    folder = hub.resolve(REPO, extra_files=("vocab.json",))
+    snapshot = make_hf_cache(tmp_path, reference[1], ["config.json", "model.safetensors"], no_exist=["merges.txt"])
+    folder = hub.resolve(REPO, extra_files=("vocab.json", "merges.txt"))  # merges.txt known absent: not asked
     assert [p for p, _ in fake_hub.requests] == [f"/{REPO}/resolve/main/vocab.json"]
     assert (folder / "model.safetensors").resolve() == (snapshot / "model.safetensors").resolve()
     assert (folder / "vocab.json").read_text() == '{"a": 0}'
