@@ -20,8 +20,8 @@ def kaldi_mel_banks(num_mel_bins: int, fft_size: int, sample_rate: int, low_freq
     nyquist = sample_rate / 2
     if not 0 <= low_freq < nyquist:
         raise ValueError(f"fbank: low_freq {low_freq} Hz must lie in [0, {nyquist}) for sample_rate {sample_rate}")
-    edges = torch.linspace(mel(torch.tensor(low_freq, dtype=torch.float64)).item(),
-                           mel(torch.tensor(nyquist, dtype=torch.float64)).item(), num_mel_bins + 2, dtype=torch.float64)
+    low_mel, high_mel = mel(torch.tensor([low_freq, nyquist], dtype=torch.float64)).tolist()
+    edges = torch.linspace(low_mel, high_mel, num_mel_bins + 2, dtype=torch.float64)
     left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     # Kaldi leaves the Nyquist bin out of every triangle: its column stays zero
     bin_mel = mel(torch.arange(fft_size // 2, dtype=torch.float64) * sample_rate / fft_size)

@@ -5,6 +5,7 @@ PyAV decoding the same files directly, analytic signals (sines) and hand-compute
 """
 import io
 import struct
+import sys
 import wave
 
 import av
@@ -253,7 +254,8 @@ def test_image_modes(tmp_path):
     cases = {
         "l.png": (Image.fromarray(gray), np.repeat(gray[..., None], 3, axis=2)),
         "la.png": (Image.fromarray(gray).convert("LA"), np.repeat(gray[..., None], 3, axis=2)),
-        "la_clear.png": (Image.merge("LA", [Image.fromarray(gray), Image.new("L", (8, 8), 0)]), np.full((8, 8, 3), 255)),
+        "la_clear.png": (Image.merge("LA", [Image.fromarray(gray), Image.new("L", (8, 8), 0)]),
+                         np.full((8, 8, 3), 255)),
         "i16.png": (Image.fromarray(gray.astype(np.uint16) * 257), np.repeat(gray[..., None], 3, axis=2)),
         "cmyk.jpg": (Image.new("CMYK", (8, 8), (0, 255, 255, 0)), np.array([255, 0, 0])),
     }
@@ -294,6 +296,34 @@ def test_mp4_frames_are_segment_centres(name):
     n = len(reference)
     for i, frame in enumerate(frames):
         assert np.array_equal(np.asarray(frame), reference[int((i + 0.5) * n / 8)]), i
+
+
+def test_mkv_without_frame_count(tmp_path):
+    # Matroska stores no frame count: the reader counts packets. Remux the mp4 (stream copy, same pictures).
+    with av.open(str(VIDEO / "short_32frames.mp4")) as source, av.open(str(tmp_path / "clip.mkv"), "w") as sink:
+        stream = sink.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = stream
+                sink.mux(packet)
+    with av.open(str(tmp_path / "clip.mkv")) as check:
+        assert check.streams.video[0].frames == 0
+    reference = all_frames_av(VIDEO / "short_32frames.mp4")
+    frames = load_video(tmp_path / "clip.mkv", num_frames=8)
+    assert [np.array_equal(np.asarray(f), reference[4 * i + 2]) for i, f in enumerate(frames)] == [True] * 8
+
+
+def test_without_pyav(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
+    for loader, path in [(load_audio, AUDIO / "speech_16k.flac"), (load_video, VIDEO / "short_32frames.mp4")]:
+        assert "pip install av" in expect_media_error(loader, path)
+    assert load_audio(AUDIO / "speech_16k_mono.wav").shape == (52173,)  # WAV needs no PyAV
+    frames = [Image.new("RGB", (8, 8), colour(i)) for i in range(3)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:])
+    assert len(load_video(tmp_path / "clip.gif", num_frames=4)) == 4
+    for i, frame in enumerate(frames):
+        frame.save(tmp_path / f"{i}.png")
+    assert len(load_video(tmp_path, num_frames=4)) == 4
 
 
 def test_short_clip_repeats_frames():
