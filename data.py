@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, ImageSequence
+from PIL import Image, ImageOps
 
 from ast_audio import resample
 
@@ -53,10 +53,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # Pillow keeps 16-bit greyscale in these modes; convert("L") would clip at 255 instead of scaling
         pixels = np.asarray(image).astype(np.float64)
-        image = Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8))
     elif image.mode == "F":  # float images are taken to span 0..1
         pixels = np.asarray(image).astype(np.float64)
-        image = Image.fromarray(np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -217,17 +217,20 @@ def frames_from_av(path: Path, num_frames: int) -> list[Image.Image]:
     if total <= 0:
         raise MediaError(f"{path}: video with no frames")
     wanted = segment_centres(total, num_frames)
-    frames, decoded = {}, 0
+    frames, decoded, last = {}, 0, None
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
             if index in wanted:
                 frames[index] = frame.to_image()  # RGB PIL image
-            decoded = index + 1
-    missing = [i for i in wanted if i not in frames]
-    if missing:
+            decoded, last = index + 1, frame
+    if decoded < 0.95 * total or last is None:
         raise MediaError(f"{path}: truncated video (decoded {decoded} of {total} frames)")
+    # headers may count a frame or two the decoder never returns (edit lists): those wanted get the last one
+    for index in wanted:
+        if index not in frames:
+            frames[index] = last.to_image()
     return [frames[i] for i in wanted]
 
 
