@@ -1,4 +1,4 @@
-"""Media decoding (images, audio, video) and, later, the data-set readers of eP-ALM.
+"""Data for eP-ALM: media decoding (images, audio, video), examples, batches, the feature cache, data sets.
 
 Images through Pillow (EXIF orientation applied, every mode made RGB); WAV parsed here from its RIFF chunks
 (PCM 8/16/24/32-bit, IEEE float, WAVE_FORMAT_EXTENSIBLE); other audio and video containers through PyAV, an
@@ -8,14 +8,24 @@ Every failure is a MediaError whose one-line message names the file and the caus
 References: the WAVE format (Microsoft RIFF spec, WAVE_FORMAT_EXTENSIBLE), PyAV's documentation, and the
 frame sampling of eP-ALM / TimeSformer (num_frames frames, the centre of each of num_frames equal segments).
 """
+import hashlib
+import math
+import os
 import struct
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+import ast_audio
+import toy
 from ast_audio import resample
+from vit import transform_image
 
 
 class MediaError(ValueError):
@@ -179,34 +189,36 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PIL_ANIMATION_SUFFIXES = (".gif", ".apng", ".webp", ".png")
 
 
-def segment_centres(total: int, num_frames: int) -> list[int]:
-    """Index of the centre frame of each of num_frames equal segments; short clips repeat frames."""
-    return [min(total - 1, int((i + 0.5) * total / num_frames)) for i in range(num_frames)]
+def segment_centres(total: int, num_frames: int, jitter: np.random.Generator | None = None) -> list[int]:
+    """Index of the centre frame of each of num_frames equal segments (with jitter: a random frame of each
+    segment, the training-time augmentation); short clips repeat frames."""
+    offsets = jitter.random(num_frames) if jitter is not None else np.full(num_frames, 0.5)
+    return [min(total - 1, int((i + offsets[i]) * total / num_frames)) for i in range(num_frames)]
 
 
-def frames_from_folder(path: Path, num_frames: int) -> list[Image.Image]:
+def frames_from_folder(path: Path, num_frames: int, jitter=None) -> list[Image.Image]:
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
     if not files:
         raise MediaError(f"{path}: video folder has no frame images ({', '.join(FRAME_SUFFIXES)})")
-    return [load_image(files[i]) for i in segment_centres(len(files), num_frames)]
+    return [load_image(files[i]) for i in segment_centres(len(files), num_frames, jitter)]
 
 
-def frames_from_animation(path: Path, num_frames: int) -> list[Image.Image]:
+def frames_from_animation(path: Path, num_frames: int, jitter=None) -> list[Image.Image]:
     try:
         with Image.open(path) as image:
             total = getattr(image, "n_frames", 1)
-            frames = {}
-            for index in sorted(set(segment_centres(total, num_frames))):
+            wanted, frames = segment_centres(total, num_frames, jitter), {}
+            for index in sorted(set(wanted)):
                 image.seek(index)  # Pillow replays disposal and palettes of the earlier frames
                 frames[index] = to_rgb(image)
     except Image.UnidentifiedImageError:
         raise MediaError(f"{path}: not an image or unsupported format") from None
     except Exception as error:
         raise MediaError(f"{path}: unreadable animation, truncated or corrupt ({one_line(error)})") from None
-    return [frames[i] for i in segment_centres(total, num_frames)]
+    return [frames[i] for i in wanted]
 
 
-def frames_from_av(path: Path, num_frames: int) -> list[Image.Image]:
+def frames_from_av(path: Path, num_frames: int, jitter=None) -> list[Image.Image]:
     av = import_av(path)
     with av.open(str(path)) as container:
         if not container.streams.video:
@@ -216,7 +228,7 @@ def frames_from_av(path: Path, num_frames: int) -> list[Image.Image]:
             total = sum(1 for packet in container.demux(video=0) if packet.size > 0)
     if total <= 0:
         raise MediaError(f"{path}: video with no frames")
-    wanted = segment_centres(total, num_frames)
+    wanted = segment_centres(total, num_frames, jitter)
     frames, decoded, last = {}, 0, None
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -234,20 +246,202 @@ def frames_from_av(path: Path, num_frames: int) -> list[Image.Image]:
     return [frames[i] for i in wanted]
 
 
-def load_video(path, num_frames: int = 8) -> list[Image.Image]:
+def load_video(path, num_frames: int = 8, jitter: np.random.Generator | None = None) -> list[Image.Image]:
     """num_frames RGB frames sampled uniformly over the clip: mp4/avi/webm/mkv/mov (PyAV), animated GIF, or a
-    folder of frame images sorted by file name."""
+    folder of frame images sorted by file name. jitter: random frame offsets within each segment (training)."""
     if num_frames < 1:
         raise ValueError(f"load_video: num_frames must be >= 1, got {num_frames}")
     path = Path(path)
     if path.is_dir():
-        return frames_from_folder(path, num_frames)
+        return frames_from_folder(path, num_frames, jitter)
     path = check_file(path)
     if path.suffix.lower() in PIL_ANIMATION_SUFFIXES:
-        return frames_from_animation(path, num_frames)
+        return frames_from_animation(path, num_frames, jitter)
     try:
-        return frames_from_av(path, num_frames)
+        return frames_from_av(path, num_frames, jitter)
     except MediaError:
         raise
     except Exception as error:
         raise MediaError(f"{path}: not a readable video, unsupported or corrupt ({one_line(error)})") from None
+
+
+# ---- examples, media transforms, batches and the feature cache (train.py, sample.py) ----
+MODALITIES = ("image", "audio", "video")
+
+
+@dataclass
+class Example:
+    id: str                 # unique within its split (feature cache, predictions file)
+    media: object           # a file path, or the decoded media itself (the toy world)
+    prompt: str = ""        # text before the target: "" for a caption, "question? </a>" for VQA
+    target: str = ""        # what is trained on: the caption, or " answer"
+    references: list = field(default_factory=list)  # every reference caption / human answer, for scoring
+    meta: dict = field(default_factory=dict)        # e.g. the toy world's attributes
+
+
+def vqa_prompt(question: str) -> str:
+    """VQA text is `</s> question? </a> answer </s>` (the official format); the tokenizer adds the `</s>`."""
+    return question.strip() + " </a>"
+
+
+def toy_examples(modality: str, task: str, split: str, n: int, seed: int) -> list[Example]:
+    """The miniature world (toy.py) as examples: n media, each with its caption or one question per media."""
+    out = []
+    for i, s in enumerate(toy.samples(modality, split, n, seed)):
+        meta = {"combo": s["combo"]}
+        if task == "caption":
+            out.append(Example(f"{split}-{i}", s["media"], "", s["caption"], [s["caption"]], meta))
+        else:
+            q, a = s["qa"][i % len(s["qa"])]
+            out.append(Example(f"{split}-{i}", s["media"], vqa_prompt(q), " " + a, [a], {**meta, "answer": a}))
+    return out
+
+
+@dataclass
+class MediaTransform:
+    """File or decoded media -> the encoder's input tensor. Small and picklable: it runs in loader workers."""
+    modality: str
+    image: object = None          # vit.ImageTransform (image and video)
+    audio_frames: int = 1024      # AST input length
+    num_frames: int = 8           # video frames
+    train: bool = False           # augment: random resized crop + flip; SpecAugment; random frame offsets
+
+    @staticmethod
+    def for_encoder(modality: str, encoder, train: bool = False) -> "MediaTransform":
+        if modality == "audio":
+            return MediaTransform("audio", audio_frames=encoder.config.max_length, train=train)
+        frames = encoder.config.num_frames if modality == "video" else 8
+        return MediaTransform(modality, image=encoder.transform, num_frames=frames, train=train)
+
+    def __call__(self, media, rng: np.random.Generator | None = None) -> torch.Tensor:
+        rng = rng or np.random.default_rng()
+        if self.modality == "image":
+            image = load_image(media) if isinstance(media, (str, Path)) else media
+            return transform_image(self.augment_image(image, rng) if self.train else image, self.image)
+        if self.modality == "audio":
+            wave = load_audio(media) if isinstance(media, (str, Path)) else media
+            x = ast_audio.preprocess(torch.as_tensor(wave, dtype=torch.float32), 16000, self.audio_frames)
+            return spec_augment(x, rng) if self.train else x
+        if isinstance(media, (str, Path)):
+            frames = load_video(media, self.num_frames, jitter=rng if self.train else None)
+        else:
+            frames = media
+        if self.train:  # the same crop and flip for every frame of a clip
+            clip_seed = int(rng.integers(2**32))
+            frames = [self.augment_image(f, np.random.default_rng(clip_seed)) for f in frames]
+        return torch.stack([transform_image(f, self.image) for f in frames])
+
+    def augment_image(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """Random resized crop (scale 0.5-1, aspect 3/4-4/3) and a horizontal flip half of the time."""
+        w, h = image.size
+        for _ in range(10):
+            area = w * h * rng.uniform(0.5, 1.0)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+                image = image.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BILINEAR)
+                break
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+
+
+def spec_augment(x: torch.Tensor, rng: np.random.Generator, freq: int = 24, time: int = 96) -> torch.Tensor:
+    """SpecAugment as AST trains: one frequency band and one time span (random widths up to freq / time) zeroed."""
+    x = x.clone()
+    frames, bins = x.shape
+    f, t = int(rng.integers(0, freq + 1)), int(rng.integers(0, min(time, frames) + 1))
+    f0, t0 = int(rng.integers(0, bins - f + 1)), int(rng.integers(0, frames - t + 1))
+    x[:, f0:f0 + f] = 0
+    x[t0:t0 + t, :] = 0
+    return x
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """Item i: (i, media tensor or None when it failed to decode), or (i, stored features) with a cache."""
+    def __init__(self, examples: list[Example], transform: MediaTransform | None, features=None):
+        self.examples, self.transform, self.features = examples, transform, features
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        if self.features is not None:
+            return i, self.features[i]
+        try:
+            return i, self.transform(self.examples[i].media)
+        except MediaError as e:
+            warnings.warn(f"skipped: {e}")
+            return i, None
+
+
+def text_batch(tokenizer, prompts: list[str], targets: list[str] | None = None, eos: int = 2, pad: int = 1):
+    """Left-padded ids and mask of `</s> prompt target </s>`, and targets: the ids where the target text is,
+    -100 on BOS, prompt and padding (model.py scores position t's logits against targets[t + 1])."""
+    rows, sups = [], []
+    for k, p in enumerate(prompts):
+        prompt = tokenizer.encode(p).ids
+        target = [] if targets is None else tokenizer.encode(targets[k], add_special_tokens=False).ids + [eos]
+        rows.append(prompt + target)
+        sups.append([-100] * len(prompt) + target)
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    sup = torch.tensor([[-100] * (T - len(r)) + r for r in sups], dtype=torch.long)
+    return ids, mask, sup
+
+
+@dataclass
+class Collate:
+    """A list of (index, media or features) -> a batch {"media", "ids", "mask", "targets", "index", "dropped"}.
+    Undecodable items (None) are dropped and counted; blind replaces the media by zeros (the control run)."""
+    examples: list
+    tokenizer: object
+    blind: bool = False
+    with_target: bool = True
+
+    def __call__(self, items):
+        good = [(i, m) for i, m in items if m is not None]
+        batch = {"media": None, "ids": None, "mask": None, "targets": None, "index": [i for i, _ in good],
+                 "dropped": len(items) - len(good)}
+        if good:
+            exs = [self.examples[i] for i, _ in good]
+            batch["ids"], batch["mask"], batch["targets"] = text_batch(
+                self.tokenizer, [e.prompt for e in exs], [e.target for e in exs] if self.with_target else None)
+            media = torch.stack([m for _, m in good])
+            batch["media"] = torch.zeros_like(media) if self.blind else media
+        return batch
+
+
+def cached_features(model, examples: list[Example], transform: MediaTransform, cache_dir, key: str,
+                    batch_size: int = 32, device="cpu") -> torch.Tensor:
+    """The frozen encoder's K [CLS] tokens for every example, computed once and kept in
+    cache_dir/<hash of key>.safetensors (key: encoder, preprocessing, K and the media list), so later runs
+    skip the encoder. Returns (N, K, D) float32 on the CPU."""
+    key = f"{key}|{[str(e.media) if isinstance(e.media, (str, Path)) else e.id for e in examples]}"
+    path = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
+    if path.exists():
+        return load_file(str(path))["features"]
+    chunks = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="encoding media", unit="batch", leave=False):
+        batch = []
+        for e in examples[start:start + batch_size]:
+            try:
+                batch.append(transform(e.media))
+            except MediaError as err:  # stored as NaN: the caller drops these examples
+                warnings.warn(f"skipped: {err}")
+                batch.append(None)
+        ok = [x for x in batch if x is not None]
+        feats = model.encode(torch.stack(ok).to(device)).float().cpu() if ok else None
+        out, j = [], 0
+        for x in batch:
+            out.append(feats[j] if x is not None else torch.full(feats.shape[1:] if feats is not None else
+                                                                 (model.config.num_levels, model.encoder.hidden_size),
+                                                                 float("nan")))
+            j += x is not None
+        chunks.append(torch.stack(out))
+    features = torch.cat(chunks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"features": features.contiguous()}, str(tmp), metadata={"key": key[:1000]})
+    os.replace(tmp, path)
+    return features
