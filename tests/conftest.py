@@ -9,3 +9,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 TESTDATA = ROOT.parent / "shared" / "testdata"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+import shutil
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory):
+    """Random tiny OPT (with the real OPT tokenizer files), ViT, AST and TimeSformer in the hub layout,
+    written by transformers' save_pretrained: {"lm": path, "image": path, "audio": path, "video": path}."""
+    import transformers
+    root = tmp_path_factory.mktemp("backbones")
+    torch.manual_seed(0)
+    lm = transformers.OPTConfig(vocab_size=50272, hidden_size=16, num_hidden_layers=4, ffn_dim=32,
+                                num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=16)
+    transformers.OPTForCausalLM(lm).save_pretrained(root / "lm")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(TESTDATA / "tokenizer" / "opt" / name, root / "lm" / name)
+    common = dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=8, **common),
+                          add_pooling_layer=False).save_pretrained(root / "image")
+    transformers.ASTModel(transformers.ASTConfig(max_length=64, num_mel_bins=128, **common)).save_pretrained(
+        root / "audio")
+    transformers.TimesformerModel(transformers.TimesformerConfig(image_size=32, patch_size=8, num_frames=4,
+                                                                 **common)).save_pretrained(root / "video")
+    return {k: str(root / k) for k in ("lm", "image", "audio", "video")}
