@@ -1,0 +1,64 @@
+"""sample.py as a user runs it: real image, wav and mp4 files, a checkpoint, bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TESTDATA
+from model import EPALM, EPALMConfig, load_backbones, save_adapter
+
+FILES = {"image": [TESTDATA / "images" / "hopper.jpg", TESTDATA / "images" / "pil123rgba.png"],
+         "audio": [TESTDATA / "audio" / "speech_16k_mono.wav", TESTDATA / "audio" / "tone_48k_mono.wav"],
+         "video": [TESTDATA / "video" / "short_32frames.mp4"]}
+
+
+def make_checkpoint(tiny_backbones, modality, path):
+    torch.manual_seed(0)
+    lm, _, encoder = load_backbones(modality, tiny_backbones["lm"], tiny_backbones[modality])
+    config = EPALMConfig(num_levels=2, prompt_length=3)
+    model = EPALM(lm, encoder, config)
+    save_adapter(model, path, {"modality": modality, "task": "caption", "lm": tiny_backbones["lm"],
+                               "encoder": tiny_backbones[modality], "epalm": config.__dict__})
+    return path
+
+
+def run_sample(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize("modality", ["image", "audio", "video"])
+def test_one_line_per_input(tiny_backbones, tmp_path, modality):
+    ckpt = make_checkpoint(tiny_backbones, modality, tmp_path / "ckpt.safetensors")
+    p = run_sample(f"--{modality}", *FILES[modality], "--checkpoint", tmp_path, "--max_new_tokens", 3)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(f) for f in FILES[modality]]
+    p = run_sample(f"--{modality}", FILES[modality][0], "--checkpoint", ckpt, "--question", "what is it?",
+                   "--num_beams", 2, "--max_new_tokens", 3)
+    assert p.returncode == 0 and len(p.stdout.strip().splitlines()) == 1, p.stderr[-2000:]
+
+
+def test_bad_input_is_a_one_line_error(tiny_backbones, tmp_path):
+    ckpt = make_checkpoint(tiny_backbones, "image", tmp_path / "ckpt.safetensors")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes((TESTDATA / "images" / "hopper.jpg").read_bytes()[:200])
+    cases = [(["--image", tmp_path / "missing.jpg", "--checkpoint", ckpt], "missing.jpg"),
+             (["--image", broken, "--checkpoint", ckpt], "broken.jpg"),
+             (["--audio", FILES["audio"][0], "--checkpoint", ckpt], "trained on image"),
+             (["--image", FILES["image"][0], "--checkpoint", tmp_path / "nothing"], "no checkpoint"),
+             (["--image", FILES["image"][0], "--checkpoint", broken], "broken.jpg")]
+    for args, words in cases:
+        p = run_sample(*args)
+        assert p.returncode == 1, p.stderr
+        assert words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_default_checkpoint_missing_says_how_to_train(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--video", str(FILES["video"][0])],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert p.returncode == 1 and "python train.py --modality=video" in p.stderr, p.stderr
