@@ -26,7 +26,7 @@ from tqdm import tqdm
 import data
 import metrics
 import toy
-from model import EPALM, EPALMConfig, load_backbones, load_adapter, save_adapter
+from model import EPALM, EPALMConfig, from_checkpoint, load_backbones, save_adapter
 
 # ---- configuration ----
 modality = "image"          # image | audio | video
@@ -458,8 +458,10 @@ def main():
         path = out_dir / "ckpt.safetensors"
         if not path.exists():
             sys.exit(f"--eval_only: no checkpoint at {path} (train first, or pass --out_dir)")
-        model, tokenizer, _ = from_checkpoint(path, dtype=ptdtype if device_type == "cuda" else torch.float32)
+        model, tokenizer, cfg = from_checkpoint(path, dtype=ptdtype if device_type == "cuda" else torch.float32)
         model.to(device)
+        global modality, task, dataset  # the checkpoint knows what it was trained on
+        modality, task, dataset = cfg["modality"], cfg["task"], cfg["dataset"]
         _, eval_ex = load_examples(train_split=False)
         eval_tf = data.MediaTransform.for_encoder(modality, model.encoder)
         scores = evaluate(model, tokenizer, eval_ex, None, eval_tf, out_dir, blind=False)

@@ -40,6 +40,12 @@ def test_short_run_writes_checkpoint_log_curves_and_scores(tiny_backbones, tmp_p
     assert "colour accuracy" in p.stdout and "CIDEr" in p.stdout
     scores = json.loads((out / "scores.json").read_text())
     assert 0 <= scores["exact match"] <= 1
+    (out / "scores.json").unlink()
+    (out / "predictions.jsonl").unlink()
+    p = run_train(tiny_backbones, out, "--eval_only")  # scores the checkpoint again, the same way
+    assert json.loads((out / "scores.json").read_text()) == scores
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 8 and all({"id", "prediction", "references"} <= set(r) for r in preds)
 
 
 def test_resume_continues_exactly(tiny_backbones, tmp_path):
