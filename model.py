@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
 from ast_audio import AST
-from opt import OPT, load_tokenizer
+from opt import OPT, causal_mask, load_tokenizer
 from timesformer import TimeSformer
 from vit import ViT
 
@@ -124,10 +124,7 @@ class EPALM(nn.Module):
         B, T, _ = h.shape
         S = valid.shape[1]
         prefill = caches is None or caches[0].k is None
-        causal = torch.ones(T, S, dtype=torch.bool, device=h.device).tril(S - T)
-        mask = causal & valid[:, None, :]
-        mask[:, torch.arange(T), torch.arange(S - T, S)] = True  # padded rows attend themselves: never NaN
-        mask = mask[:, None]  # (B, 1, T, S)
+        mask = causal_mask(valid, T, cached=S - T)  # (B, 1, T, S); padded rows attend themselves: never NaN
         if inj is not None:
             # media key in front: every text query may see it; in the prefill it is also a query of its own
             mask_media = F.pad(mask, (1, 0), value=True)
