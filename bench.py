@@ -1,0 +1,594 @@
+"""bench.py: how fast epalm trains and generates, side by side with transformers, as ratios from one process.
+
+Random weights with the official shapes (no downloads): each backbone is built in transformers, and ours gets the
+very same tensors through its own key renaming, so both run identical weights on identical inputs. Runs of the
+things compared alternate and each figure is a median over repeats: these machines are noisy, so only the
+ratios mean anything.
+
+  python bench.py --quick            # CPU, < 3 minutes on 2 cores (CI runs `--tiny` through tests/test_bench.py)
+  python bench.py                    # CPU, the full set (opt-125m and opt-350m, compile), < 15 minutes
+  python bench.py --device cuda      # accelerator: OPT-2.7B + ViT-B and OPT-6.7B + ViT-L, bf16, compile, MFU
+
+Sections (JSON keys): matmul (this machine's own fp32 matmul FLOP/s), backbones (forward, LM forward+backward),
+train_step (plain / cached encoder features / prompt off / compile, with MFU), generate (greedy and 3 beams vs
+transformers' generate), memory (peak of one training step with frozen weights in bf16 vs fp32), accelerator.
+
+References: karpathy/nanoGPT bench.py; PaLM (Chowdhery et al. 2022) appendix B for model FLOPs utilisation.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ast_audio import AST
+from model import EPALM, EPALMConfig
+from opt import OPT, OPTConfig
+from timesformer import TimeSformer
+from vit import ViT, ViTConfig
+
+# per mode: which LMs, batch sizes, repeats. quick and tiny keep every section but shrink what is slow on 2 cores.
+MODES = {
+    "tiny": dict(lms=["tiny"], encoders=["tiny"], lm_batch=2, text=8, vit_batch=2, ast_batch=1, video_batch=1,
+                 step_batch=2, prompt=2, levels=2, repeats=1, gen_batch=2, gen_prompt=4, gen_new=4,
+                 compile=False, matmul_n=128),
+    "quick": dict(lms=["opt-125m"], encoders=["base"], lm_batch=8, text=32, vit_batch=2, ast_batch=1,
+                  video_batch=1, step_batch=4, prompt=10, levels=6, repeats=2, gen_batch=8, gen_prompt=8,
+                  gen_new=30, compile=False, matmul_n=1024),
+    "full": dict(lms=["opt-125m", "opt-350m"], encoders=["base"], lm_batch=8, text=32, vit_batch=8, ast_batch=2,
+                 video_batch=1, step_batch=8, prompt=10, levels=6, repeats=5, gen_batch=8, gen_prompt=8,
+                 gen_new=30, compile=True, matmul_n=2048),
+}
+TINY_OPT = dict(vocab_size=512, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
+                max_position_embeddings=128, word_embed_proj_dim=32)
+TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def alternate(fns: dict, repeats: int, device: str = "cpu", warmup: int = 1) -> dict:
+    """Median seconds of each callable; runs interleave (a, b, c, a, b, c, ...) so drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        names = list(fns)
+        names = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+        for name in names:
+            times[name].append(timed(fns[name], device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_rate(n: int, dtype: torch.dtype, device: str, repeats: int = 5) -> float:
+    """This machine's dense matmul FLOP/s: the median of repeated n x n x n products."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    inner = max(1, int(2e9 // (2 * n ** 3))) if device == "cpu" else 20
+    seconds = alternate({"mm": lambda: [a @ b for _ in range(inner)]}, repeats, device)["mm"]
+    return 2 * n ** 3 * inner / seconds
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def hf_config(kind: str, name: str):
+    """transformers' config of an official shape ('tiny' for the test's toy size)."""
+    import transformers
+    if kind == "opt":
+        shape = TINY_OPT if name == "tiny" else {
+            k: v for k, v in vars(OPTConfig.from_name(name)).items() if k != "remove_final_layer_norm"}
+        return transformers.OPTConfig(**shape, dropout=0.0, attention_dropout=0.0)
+    tiny = TINY_ENCODER if name == "tiny" else {}
+    if kind == "vit":
+        size = dict(image_size=32, patch_size=8) if name == "tiny" else {}
+        if name == "large":
+            tiny = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+        return transformers.ViTConfig(**tiny, **size)
+    if kind == "ast":
+        size = dict(max_length=64, num_mel_bins=32) if name == "tiny" else dict(max_length=1024, num_mel_bins=128)
+        return transformers.ASTConfig(**tiny, **size, frequency_stride=10, time_stride=10)
+    size = dict(image_size=32, patch_size=8, num_frames=2) if name == "tiny" else dict(num_frames=8)
+    return transformers.TimesformerConfig(**tiny, **size)
+
+
+def build_pair(kind: str, name: str, device: str = "cpu"):
+    """(ours, transformers') with identical weights: the reference is saved in the hub layout and ours is loaded
+    from there by its own from_pretrained."""
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    cfg = hf_config(kind, name)
+    torch.manual_seed(0)
+    with torch.device(device):
+        if kind == "opt":
+            ref = transformers.OPTForCausalLM(cfg)
+        elif kind == "vit":
+            ref = transformers.ViTModel(cfg, add_pooling_layer=False)
+        elif kind == "ast":
+            ref = transformers.ASTModel(cfg)
+        else:
+            ref = transformers.TimesformerModel(cfg)
+    ref.eval()
+    # through the hub layout: transformers renames modules in memory and writes the official keys on save
+    with tempfile.TemporaryDirectory(prefix="bench-") as folder:
+        ref.save_pretrained(folder)
+        ours = {"opt": OPT, "vit": ViT, "ast": AST, "timesformer": TimeSformer}[kind].from_pretrained(folder)
+    return ours.eval(), ref
+
+
+def media_input(kind: str, encoder, batch: int, device: str = "cpu", dtype=torch.float32) -> torch.Tensor:
+    c = encoder.config
+    if kind == "vit":
+        shape = (batch, 3, c.image_size, c.image_size)
+    elif kind == "ast":
+        shape = (batch, c.max_length, c.num_mel_bins)
+    else:
+        shape = (batch, c.num_frames, 3, c.image_size, c.image_size)
+    return torch.randn(shape, device=device, dtype=dtype)
+
+
+def ref_forward(kind: str, ref, x):
+    if kind == "opt":
+        return ref(input_ids=x).logits
+    if kind == "ast":
+        return ref(input_values=x).last_hidden_state
+    return ref(pixel_values=x).last_hidden_state
+
+
+def ours_forward(kind: str, ours, x):
+    return ours(x) if kind == "opt" else ours(x, last=1)[0]
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+
+def lm_step_flops(cfg: OPTConfig, batch: int, text: int, prompt: int, start: int, backward_from: int) -> float:
+    """Matmul FLOPs of one eP-ALM LM pass: forward 2*N per token through every layer and the tied head (text
+    positions only), plus the input-gradient backward (2*N per token again, attention's 4 products) through
+    the layers the gradient crosses, [backward_from, L). Frozen weights get no weight gradients: none counted."""
+    d, f, L = cfg.hidden_size, cfg.ffn_dim, cfg.num_hidden_layers
+    fwd = bwd = 0.0
+    for i in range(L):
+        S = prompt + text + (1 if i >= start else 0)  # the injected token joins at `start`
+        layer = batch * (2 * S * (4 * d * d + 2 * d * f) + 4 * S * S * d)
+        fwd += layer
+        if i >= backward_from:
+            bwd += batch * (2 * S * (4 * d * d + 2 * d * f) + 8 * S * S * d)
+    head = 2 * batch * text * cfg.word_embed_proj_dim * cfg.vocab_size
+    head += 2 * batch * text * d * cfg.word_embed_proj_dim if cfg.word_embed_proj_dim != d else 0
+    return fwd + bwd + 2 * head
+
+
+def encoder_flops(enc, batch: int) -> float:
+    """Forward matmul FLOPs of the encoder on a batch (patch embedding, blocks)."""
+    c = enc.config
+    d, f, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    if isinstance(enc, AST):
+        patches, patch_in = enc.grid[0] * enc.grid[1], c.patch_size ** 2
+        return batch * (2 * patches * patch_in * d + L * (2 * (patches + 2) * (4 * d * d + 2 * d * f)
+                                                         + 4 * (patches + 2) ** 2 * d))
+    P = (c.image_size // c.patch_size) ** 2
+    patch_in = 3 * c.patch_size ** 2
+    if isinstance(enc, TimeSformer):
+        T = c.num_frames
+        per_block = (2 * P * T * (4 * d * d + d * d) + 4 * P * T * T * d  # temporal attention + temporal_fc
+                     + 2 * T * (P + 1) * 4 * d * d + 4 * T * (P + 1) ** 2 * d  # spatial attention per frame
+                     + 2 * (P * T + 1) * 2 * d * f)
+        return batch * (2 * P * T * patch_in * d + L * per_block)
+    return batch * (2 * P * patch_in * d + L * (2 * (P + 1) * (4 * d * d + 2 * d * f) + 4 * (P + 1) ** 2 * d))
+
+
+def lm_flops_per_token(cfg: OPTConfig) -> float:
+    d = cfg.hidden_size
+    return 2 * (cfg.num_hidden_layers * (4 * d * d + 2 * d * cfg.ffn_dim) + cfg.word_embed_proj_dim * cfg.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+def bench_backbones(mode: dict, device: str, notes: list) -> dict:
+    """Forward (and LM forward+backward) of ours vs transformers' on identical weights and inputs, fp32 eager,
+    then ours compiled."""
+    out = {}
+    R = mode["repeats"]
+    jobs = [("opt", name, mode["lm_batch"]) for name in mode["lms"]]
+    for enc in mode["encoders"]:
+        jobs += [("vit", enc, mode["vit_batch"]), ("ast", enc, mode["ast_batch"]), ("timesformer", enc,
+                                                                                    mode["video_batch"])]
+    for kind, name, batch in jobs:
+        ours, ref = build_pair(kind, name, device)
+        x = (torch.randint(4, ours.config.vocab_size, (batch, mode["text"]), device=device) if kind == "opt"
+             else media_input(kind, ours, batch, device))
+        with torch.no_grad():
+            diff = (ours_forward(kind, ours, x) - ref_forward(kind, ref, x)).abs().max().item()
+            fns = {"ours": lambda: ours_forward(kind, ours, x), "transformers": lambda: ref_forward(kind, ref, x)}
+            if mode["compile"]:
+                compiled = torch.compile(ours)
+                t0 = time.perf_counter()
+                ours_forward(kind, compiled, x)
+                compile_s = time.perf_counter() - t0
+                fns["ours_compiled"] = lambda: ours_forward(kind, compiled, x)
+            t = alternate(fns, R, device)
+        row = {"batch": batch, "max_abs_diff": diff, "ours_s": t["ours"], "transformers_s": t["transformers"],
+               "speedup": t["transformers"] / t["ours"]}
+        if "ours_compiled" in t:
+            row.update(ours_compiled_s=t["ours_compiled"], compile_speedup=t["transformers"] / t["ours_compiled"],
+                       compile_time_s=compile_s)
+        if kind == "opt":  # forward + backward with every weight trainable, the usual LM training pass
+            def fwd_bwd(m, logits_of):
+                m.zero_grad(set_to_none=True)
+                logits = logits_of(x)
+                F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+            t = alternate({"ours": lambda: fwd_bwd(ours, ours), "transformers": lambda: fwd_bwd(
+                ref, lambda ids: ref(input_ids=ids).logits)}, R, device)
+            row.update(train_ours_s=t["ours"], train_transformers_s=t["transformers"],
+                       train_speedup=t["transformers"] / t["ours"])
+        out[name if name.startswith("opt-") else f"{kind}-{name}"] = row
+        del ours, ref
+    if not mode["compile"]:
+        notes.append("backbones: torch.compile skipped in this mode (its first call takes ~45 s per model on 2 "
+                     "CPU cores); the full run has it")
+    return out
+
+
+def build_epalm(lm_name: str, enc_kind: str, enc_name: str, mode: dict, prompt: int, device: str = "cpu",
+                dtype=torch.float32):
+    lm, _ = build_pair("opt", lm_name, device)
+    enc, _ = build_pair(enc_kind, enc_name, device)
+    lm, enc = lm.to(dtype), enc.to(dtype)
+    torch.manual_seed(0)
+    model = EPALM(lm, enc, EPALMConfig(num_levels=mode["levels"], prompt_length=prompt)).to(device)
+    return model
+
+
+def step_fn(model, media, ids, mask, features=None, forward=None):
+    """One training step: forward, loss, backward, AdamW on what trains."""
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    forward = model if forward is None else forward
+
+    def step():
+        _, loss = forward(media, ids, mask, ids, features=features)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train_step(mode: dict, device: str, notes: list) -> dict:
+    """The eP-ALM training step in four settings, per modality; MFU against this machine's fp32 matmul rate,
+    measured by a probe that takes its turn among the steps (so both see the same load)."""
+    out = {}
+    B, T, P, R = mode["step_batch"], mode["text"], mode["prompt"], mode["repeats"]
+    lm_name, enc_name = mode["lms"][0], mode["encoders"][0]
+    for modality, enc_kind in (("image", "vit"), ("audio", "ast")):
+        model = build_epalm(lm_name, enc_kind, enc_name, mode, P, device)
+        lm_cfg = model.lm.config
+        ids = torch.randint(4, lm_cfg.vocab_size, (B, T), device=device)
+        mask = torch.ones_like(ids)
+        media = media_input(enc_kind, model.encoder, B, device)
+        feats = model.encode(media)
+        # prompt off: the first trainable input is the injected token at layer `start`
+        no_prompt = EPALM(model.lm, model.encoder, EPALMConfig(num_levels=mode["levels"], prompt_length=0))
+        cut = EPALM(model.lm, model.encoder, EPALMConfig(num_levels=mode["levels"], prompt_length=0))
+        cut.prompt.requires_grad_(False)  # the empty prompt Parameter otherwise drags autograd through layer 0..
+        fns = {"plain": step_fn(model, media, ids, mask),
+               "cached": step_fn(model, None, ids, mask, feats),
+               "cached_noprompt_asis": step_fn(no_prompt, None, ids, mask, feats),
+               "cached_noprompt_nograph": step_fn(cut, None, ids, mask, feats)}
+        compile_s = None
+        if mode["compile"]:
+            compiled = torch.compile(cut)
+            fns["cached_noprompt_nograph_compiled"] = step_fn(cut, None, ids, mask, feats, forward=compiled)
+            t0 = time.perf_counter()
+            fns["cached_noprompt_nograph_compiled"]()
+            compile_s = time.perf_counter() - t0
+        n = mode["matmul_n"]
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        fns["matmul_probe"] = lambda: a @ b  # the machine's matmul rate, measured in between the steps
+        t = alternate(fns, R, device)
+        rate = 2 * n ** 3 / t.pop("matmul_probe")
+        grads_on_frozen = sum(p.grad is not None for p in [*model.lm.parameters(), *model.encoder.parameters()])
+        full_bwd = lm_step_flops(lm_cfg, B, T, P, model.start, 0)
+        cut_bwd = lm_step_flops(lm_cfg, B, T, 0, model.start, model.start)
+        asis_bwd = lm_step_flops(lm_cfg, B, T, 0, model.start, 0)
+        enc = encoder_flops(model.encoder, B)
+        flops = {"plain": full_bwd + enc, "cached": full_bwd, "cached_noprompt_asis": asis_bwd,
+                 "cached_noprompt_nograph": cut_bwd, "cached_noprompt_nograph_compiled": cut_bwd}
+        row = {"matmul_gflops": rate / 1e9, "batch": B, "text_tokens": T, "prompt": P, "levels": mode["levels"], "inject": [model.start, model.end],
+               "frozen_params_with_grad": grads_on_frozen}
+        for name, s in t.items():
+            row[name] = {"s": s, "samples_per_s": B / s, "tflop": flops[name] / 1e12,
+                         "mfu": flops[name] / s / rate}
+        row["cached_vs_plain"] = t["plain"] / t["cached"]
+        row["nograph_vs_cached"] = t["cached"] / t["cached_noprompt_nograph"]
+        row["nograph_vs_asis"] = t["cached_noprompt_asis"] / t["cached_noprompt_nograph"]
+        if compile_s is not None:
+            row["compile_time_s"] = compile_s
+            row["compiled_vs_nograph"] = t["cached_noprompt_nograph"] / t["cached_noprompt_nograph_compiled"]
+        out[modality] = row
+        del model, no_prompt, cut
+    if not mode["compile"]:
+        notes.append("train_step: the compiled setting is skipped in this mode (compile time); the full run has it")
+    return out
+
+
+def bench_generate(mode: dict, device: str) -> dict:
+    """Greedy and 3-beam generation of gen_new tokens for gen_batch prompts, ours vs transformers' generate on the
+    same OPT weights (media None, no soft prompt, no EOS so both do exactly gen_new steps)."""
+    lm, ref = build_pair("opt", mode["lms"][0], device)
+    stub = torch.nn.Linear(1, 1)  # no media in this section: a stand-in encoder for the connector's width
+    stub.hidden_size = 1
+    model = EPALM(lm, stub, EPALMConfig(num_levels=mode["levels"], prompt_length=0)).eval()
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 1
+    torch.manual_seed(1)
+    ids = torch.randint(4, lm.config.vocab_size, (mode["gen_batch"], mode["gen_prompt"]), device=device)
+    mask = torch.ones_like(ids)
+    out = {}
+    for label, beams in (("greedy", 1), ("beam3", 3)):
+        ours_tokens, ref_tokens = [], []
+
+        def ours():
+            ours_tokens[:] = model.generate(None, ids, mask, max_new_tokens=mode["gen_new"], num_beams=beams,
+                                            eos_token_id=-1)
+
+        def theirs():
+            with torch.no_grad():
+                seq = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=mode["gen_new"],
+                                   num_beams=beams, do_sample=False, early_stopping=False, length_penalty=1.0)
+            ref_tokens[:] = seq[:, ids.shape[1]:].tolist()
+        t = alternate({"ours": ours, "transformers": theirs}, mode["repeats"], device)
+        n_tokens = mode["gen_batch"] * mode["gen_new"]
+        out[label] = {"ours_s": t["ours"], "transformers_s": t["transformers"],
+                      "speedup": t["transformers"] / t["ours"], "ours_tokens_per_s": n_tokens / t["ours"],
+                      "same_tokens": ours_tokens == ref_tokens,
+                      "new_tokens": len(ours_tokens[0])}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(mode_name: str, dtype_name: str) -> dict:
+    """Run in a fresh process: build the image eP-ALM with frozen weights in dtype (on the meta device, so no
+    fp32 copy is ever made), then one training step while a thread samples the resident set size."""
+    import transformers  # noqa: F401  (the same imports as the parent, so the baseline is comparable)
+    mode = MODES[mode_name]
+    dtype = getattr(torch, dtype_name)
+    lm_cfg = OPTConfig.from_dict(hf_config("opt", mode["lms"][0]).to_dict())
+    vit_cfg = ViTConfig.from_dict(hf_config("vit", mode["encoders"][0]).to_dict())
+    torch.set_default_dtype(dtype)
+    with torch.device("meta"):
+        lm, enc = OPT(lm_cfg), ViT(vit_cfg)
+    torch.set_default_dtype(torch.float32)
+    for m in (lm, enc):
+        m.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0, 0.02)
+    torch.manual_seed(0)
+    model = EPALM(lm.eval(), enc.eval(), EPALMConfig(num_levels=mode["levels"], prompt_length=mode["prompt"]))
+    B, T = mode["step_batch"], mode["text"]
+    ids = torch.randint(4, lm_cfg.vocab_size, (B, T))
+    media = torch.randn(B, 3, vit_cfg.image_size, vit_cfg.image_size, dtype=dtype)
+    bytes_by_dtype = {}
+    for p in model.parameters():
+        key = f"{str(p.dtype).removeprefix('torch.')}_{'trainable' if p.requires_grad else 'frozen'}"
+        bytes_by_dtype[key] = bytes_by_dtype.get(key, 0) + p.numel() * p.element_size()
+    step = step_fn(model, media, ids, torch.ones_like(ids))
+    step()  # warm-up: the optimizer state and allocator pools exist from here on
+    base = rss_bytes()
+    peak, running = [base], [True]
+
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.002)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, loss = model(media, ids, torch.ones_like(ids), ids)
+    loss.backward()
+    running[0] = False
+    sampler.join()
+    frozen = [p for p in [*model.lm.parameters(), *model.encoder.parameters()]]
+    return {"param_bytes": bytes_by_dtype, "rss_before_step": base, "rss_peak_step": peak[0],
+            "step_extra_bytes": peak[0] - base,
+            "frozen_params_with_grad": sum(p.grad is not None for p in frozen),
+            "trainable_grad_bytes": sum(p.grad.numel() * p.grad.element_size()
+                                        for p in model.trainable_parameters() if p.grad is not None)}
+
+
+def bench_memory(mode_name: str, notes: list) -> dict:
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        res = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", mode_name, dtype],
+                             capture_output=True, text=True, timeout=900)
+        if res.returncode != 0:
+            raise RuntimeError(f"bench.py --memory-child {dtype} failed: {res.stderr.strip().splitlines()[-1:]}")
+        out[dtype] = json.loads(res.stdout.strip().splitlines()[-1])
+    out["frozen_bytes_ratio_bf16_vs_fp32"] = (out["bfloat16"]["param_bytes"].get("bfloat16_frozen", 0)
+                                              / out["float32"]["param_bytes"]["float32_frozen"])
+    out["peak_ratio_bf16_vs_fp32"] = out["bfloat16"]["rss_peak_step"] / out["float32"]["rss_peak_step"]
+    notes.append("memory: resident set size of a fresh process sampled every 2 ms during one training step "
+                 "(image, plain); CPU has no allocator peak counter, so short spikes can be missed")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- accelerator
+
+ACCELERATOR_PAIRS = (("opt-2.7b", "base"), ("opt-6.7b", "large"))
+
+
+def bench_accelerator(repeats: int, notes: list, device: str = "cuda", pairs=ACCELERATOR_PAIRS,
+                      batches=(8, 64), dtype=torch.bfloat16) -> dict:
+    """On a GPU: bf16 weights, the training step of OPT-2.7B + ViT-B and OPT-6.7B + ViT-L at the issue's batch (8)
+    and a larger one (64), eager, and compiled at the larger batch; MFU against the measured bf16 matmul rate."""
+    peak = matmul_rate(8192 if device == "cuda" else 256, dtype, device)
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else device,
+           "matmul_tflops": peak / 1e12}
+    T, P = 32, 10
+    for lm_name, vit_name in pairs:
+        lm_cfg = OPTConfig.from_dict(hf_config("opt", lm_name).to_dict())
+        vit_cfg = ViTConfig.from_dict(hf_config("vit", vit_name).to_dict())
+        torch.manual_seed(0)
+        with torch.device(device):
+            lm, enc = OPT(lm_cfg).to(dtype).eval(), ViT(vit_cfg).to(dtype).eval()
+            model = EPALM(lm, enc, EPALMConfig(num_levels=min(6, vit_cfg.num_hidden_layers - 1), prompt_length=P))
+        key = f"{lm_name}+vit-{vit_name}"
+        out[key] = {}
+        for B in batches:
+            ids = torch.randint(4, lm_cfg.vocab_size, (B, T), device=device)
+            mask = torch.ones_like(ids)
+            media = torch.randn(B, 3, vit_cfg.image_size, vit_cfg.image_size, device=device, dtype=dtype)
+            feats = model.encode(media)
+            fns = {"plain": step_fn(model, media, ids, mask), "cached": step_fn(model, None, ids, mask, feats)}
+            row = {}
+            if B == batches[-1]:  # compile once per model, at the batch that can fill the chip
+                compiled = torch.compile(model, dynamic=False)
+                fns["cached_compiled"] = step_fn(model, None, ids, mask, feats, forward=compiled)
+                row["compile_time_s"] = timed(fns["cached_compiled"], device)
+            t = alternate(fns, repeats, device, warmup=2)
+            lm_f = lm_step_flops(lm_cfg, B, T, P, model.start, 0)
+            flops = {"plain": lm_f + encoder_flops(enc, B), "cached": lm_f, "cached_compiled": lm_f}
+            for name, s in t.items():
+                row[name] = {"s": s, "samples_per_s": B / s, "tokens_per_s": B * T / s,
+                             "tflops": flops[name] / s / 1e12, "mfu": flops[name] / s / peak,
+                             "mfu_vs_989": flops[name] / s / 989e12}
+            out[key][f"batch{B}"] = row
+            print(key, f"batch{B}", json.dumps(row), file=sys.stderr, flush=True)  # partial results, if cut off
+        if device == "cuda":
+            out[key]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            torch.cuda.reset_peak_memory_stats()
+        del model, lm, enc, fns
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    notes.append("accelerator: MFU against the bf16 matmul rate measured in this run (8192^3); mfu_vs_989 "
+                 "against the H100/H200 datasheet's dense bf16 figure; compile at the larger batch only")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def print_table(results: dict) -> None:
+    def line(*cells):
+        print("  ".join(f"{c:<34}" if i == 0 else f"{c:>14}" for i, c in enumerate(cells)))
+    print(f"\nbench.py --{results['mode']} on {results['machine']}")
+    if "matmul" in results:
+        print(f"matmul fp32: {results['matmul']['gflops']:.1f} GFLOP/s (n={results['matmul']['n']})")
+    if "backbones" in results:
+        line("backbone (fp32 eager)", "ours s", "transformers s", "speedup", "compiled x")
+        for name, r in results["backbones"].items():
+            line(f"{name} fwd b{r['batch']}", f"{r['ours_s']:.3f}", f"{r['transformers_s']:.3f}",
+                 f"{r['speedup']:.2f}", f"{r['compile_speedup']:.2f}" if "compile_speedup" in r else "-")
+            if "train_speedup" in r:
+                line(f"{name} fwd+bwd b{r['batch']}", f"{r['train_ours_s']:.3f}", f"{r['train_transformers_s']:.3f}",
+                     f"{r['train_speedup']:.2f}", "-")
+    if "train_step" in results:
+        line("train step", "s", "samples/s", "TFLOP", "MFU")
+        for modality, r in results["train_step"].items():
+            for name, v in r.items():
+                if isinstance(v, dict):
+                    line(f"{modality} {name}", f"{v['s']:.3f}", f"{v['samples_per_s']:.2f}", f"{v['tflop']:.3f}",
+                         f"{100 * v['mfu']:.0f}%")
+            line(f"{modality} cached / plain", "", "", f"{r['cached_vs_plain']:.2f}x",
+                 f"{r['matmul_gflops']:.0f} GF/s")
+    if "generate" in results:
+        line("generate", "ours s", "transformers s", "speedup", "same tokens")
+        for name, r in results["generate"].items():
+            line(name, f"{r['ours_s']:.3f}", f"{r['transformers_s']:.3f}", f"{r['speedup']:.2f}",
+                 str(r["same_tokens"]))
+    if "memory" in results:
+        m = results["memory"]
+        line("memory (one step)", "frozen MB", "step extra MB", "peak MB", "frozen grads")
+        for dt in ("float32", "bfloat16"):
+            r = m[dt]
+            frozen = sum(v for k, v in r["param_bytes"].items() if k.endswith("frozen"))
+            line(dt, f"{frozen / 2 ** 20:.0f}", f"{r['step_extra_bytes'] / 2 ** 20:.0f}",
+                 f"{r['rss_peak_step'] / 2 ** 20:.0f}", str(r["frozen_params_with_grad"]))
+    if "accelerator" in results:
+        a = results["accelerator"]
+        print(f"accelerator {a['device']}: matmul {a['matmul_tflops']:.1f} TFLOP/s")
+        line("step (bf16)", "samples/s", "tokens/s", "TFLOP/s", "MFU")
+        for key, per_batch in a.items():
+            if isinstance(per_batch, dict):
+                for b, r in per_batch.items():
+                    if isinstance(r, dict):
+                        for name, v in r.items():
+                            if isinstance(v, dict):
+                                line(f"{key} {b} {name}", f"{v['samples_per_s']:.1f}", f"{v['tokens_per_s']:.0f}",
+                                     f"{v['tflops']:.0f}", f"{100 * v['mfu']:.0f}%")
+    for note in results["notes"]:
+        print("note:", note)
+    print(f"total {results['seconds']:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="CPU, every section on small batches, < 3 min")
+    group.add_argument("--tiny", action="store_true", help="toy shapes, seconds: a smoke test for CI")
+    parser.add_argument("--opt-1.3b", dest="opt13", action="store_true", help="full mode: add opt-1.3b")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the accelerator section")
+    parser.add_argument("--out", default="bench.json", help="where the JSON results go")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODE", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    if args.memory_child:
+        print(json.dumps(memory_child(*args.memory_child)))
+        return
+    if args.device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {args.device!r}: expected cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    mode_name = "tiny" if args.tiny else "quick" if args.quick else "full"
+    mode = dict(MODES[mode_name])
+    if args.opt13:
+        mode["lms"] = mode["lms"] + ["opt-1.3b"]
+    t0 = time.perf_counter()
+    notes = []
+    results = {"mode": mode_name, "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+               "notes": notes}
+    if args.device == "cuda":
+        results["accelerator"] = bench_accelerator(mode["repeats"], notes)
+    else:
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+            notes.append("bf16 compute variants skipped: this CPU has no native bf16 (no avx512_bf16 / amx_bf16); "
+                         "bf16 appears only in the memory section")
+        n = mode["matmul_n"]
+        rate = matmul_rate(n, torch.float32, "cpu", mode["repeats"] + 2)
+        results["matmul"] = {"n": n, "gflops": rate / 1e9}
+        results["backbones"] = bench_backbones(mode, "cpu", notes)
+        results["train_step"] = bench_train_step(mode, "cpu", notes)
+        results["generate"] = bench_generate(mode, "cpu")
+        results["memory"] = bench_memory(mode_name, notes)
+    results["seconds"] = time.perf_counter() - t0
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""bench.py --tiny as a smoke test: every section of the JSON it writes is there with finite positive numbers, and
+the figures that are not timings (outputs against transformers', FLOP counts, gradients) are checked for real."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+import bench
+from opt import OPTConfig
+
+
+def numbers(tree, path=""):
+    """Every number in a nested JSON tree with its path (bools are flags, not numbers)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from numbers(v, f"{path}.{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from numbers(v, f"{path}[{i}]")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--tiny", "--threads", "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "train step" in run.stdout and "generate" in run.stdout  # the table was printed
+    return json.loads(out.read_text())
+
+
+def test_every_section_has_finite_positive_timings(results):
+    for section in ("matmul", "backbones", "train_step", "generate", "memory"):
+        assert results[section], section
+    assert set(results["backbones"]) == {"opt-tiny", "vit-tiny", "ast-tiny", "timesformer-tiny"}
+    assert set(results["train_step"]) == {"image", "audio"}
+    assert set(results["generate"]) == {"greedy", "beam3"}
+    zero_allowed = ("max_abs_diff", "frozen_params_with_grad", "step_extra_bytes", "levels", "inject")
+    for path, value in numbers(results):
+        assert math.isfinite(value), path
+        if not any(z in path for z in zero_allowed):
+            assert value > 0, path
+    for name in ("plain", "cached", "cached_noprompt_asis", "cached_noprompt_nograph"):
+        for modality in ("image", "audio"):
+            v = results["train_step"][modality][name]
+            assert v["s"] > 0 and 0 < v["mfu"] and v["tflop"] > 0, (modality, name)
+    assert results["notes"], "skipped variants must be explained"
+
+
+def test_same_outputs_as_transformers(results):
+    # both sides ran the same weights on the same inputs: the timings compare like with like
+    for name, row in results["backbones"].items():
+        assert row["max_abs_diff"] < 1e-3, name
+    for name, row in results["generate"].items():
+        assert row["same_tokens"] is True and row["new_tokens"] == 4, name
+
+
+def test_frozen_weights_get_no_gradients_and_bf16_has_no_fp32_copy(results):
+    for modality in ("image", "audio"):
+        assert results["train_step"][modality]["frozen_params_with_grad"] == 0
+    mem = results["memory"]
+    for dtype in ("float32", "bfloat16"):
+        assert mem[dtype]["frozen_params_with_grad"] == 0
+    assert "float32_frozen" not in mem["bfloat16"]["param_bytes"]
+    assert mem["frozen_bytes_ratio_bf16_vs_fp32"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("prompt", [2, 0])
+def test_train_step_flops_match_torch_flop_counter(prompt):
+    # torch's FlopCounterMode counts every matmul/attention product autograd really runs, forward and backward:
+    # an independent count of what the step needs (prompt on: the gradient crosses every layer; off: from the
+    # injection window on). It also counts the connector's own weight gradient, which bench leaves out (tiny).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    mode = bench.MODES["tiny"]
+    model = bench.build_epalm("tiny", "vit", "tiny", mode, prompt)
+    model.prompt.requires_grad_(prompt > 0)  # prompt off: nothing trainable before the first injected layer
+    B, T = 2, 8
+    ids = torch.randint(4, model.lm.config.vocab_size, (B, T))
+    feats = model.encode(bench.media_input("vit", model.encoder, B))
+    # the math kernel runs attention as plain batched products, which the counter sees
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        _, loss = model(None, ids, torch.ones_like(ids), ids, features=feats)
+        loss.backward()
+    backward_from = 0 if prompt else model.start
+    expected = bench.lm_step_flops(model.lm.config, B, T, prompt, model.start, backward_from)
+    assert expected == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
+def test_encoder_flops_match_torch_flop_counter():
+    # torch's FlopCounterMode counts every matmul/conv/attention of a real forward: an independent reference
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    for kind in ("vit", "ast", "timesformer"):
+        ours, _ = bench.build_pair(kind, "tiny")
+        x = bench.media_input(kind, ours, 2)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            ours(x)
+        assert bench.encoder_flops(ours, 2) == pytest.approx(counter.get_total_flops(), rel=0.02), kind
