@@ -67,9 +67,10 @@ class EPALM(nn.Module):
         # the prompt lives in token-embedding space (before project_in); start from real token embeddings
         emb = lm.embed_tokens.weight
         rows = torch.randint(4, emb.shape[0], (config.prompt_length,), device="cpu").to(emb.device)
-        self.prompt = nn.Parameter(emb.detach()[rows].clone().float())
+        # no prompt, no parameter: an empty one would make autograd record every layer below the window
+        self.prompt = nn.Parameter(emb.detach()[rows].clone().float()) if config.prompt_length else None
         self.prompt_mlp = None
-        if config.prompt_mlp:
+        if config.prompt_mlp and config.prompt_length:
             d = emb.shape[1]
             self.prompt_mlp = nn.Sequential(nn.Linear(d, config.prompt_mlp_hidden), nn.Tanh(),
                                             nn.Linear(config.prompt_mlp_hidden, d))
@@ -111,8 +112,9 @@ class EPALM(nn.Module):
         """Prompt + text into the LM's width. Returns h (B, P+T, hidden) and the key mask (B, P+T)."""
         B, P = input_ids.shape[0], self.config.prompt_length
         tok = self.lm.embed_tokens(input_ids)
-        prompt = self.prompt_vectors().to(tok.dtype).expand(B, -1, -1)
-        h = self.lm.project_in(torch.cat([prompt, tok], dim=1))
+        if P:
+            tok = torch.cat([self.prompt_vectors().to(tok.dtype).expand(B, -1, -1), tok], dim=1)
+        h = self.lm.project_in(tok)
         pos = self.lm.positions(self.lm.position_ids(attention_mask))
         h = h + F.pad(pos, (0, 0, P, 0))  # the prompt gets no position
         valid = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1).bool()

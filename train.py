@@ -339,7 +339,7 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
     pbar = tqdm(total=max_iters, initial=it, desc=f"training{' (blind control)' if blind else ''}",
                 unit="it", disable=not master, dynamic_ncols=True)
     seen = dropped = 0
-    t0, tokens = time.time(), 0
+    t0, tokens, samples = time.time(), 0, 0
     while it < max_iters:
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(it)
@@ -360,19 +360,23 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
                          f"({run_dir / 'ckpt.safetensors'}) is kept; try a lower --lr")
             (loss / grad_accum).backward()
             total += loss.item() / grad_accum
-            tokens += int(batch["mask"].sum())
+            tokens, samples = tokens + int(batch["mask"].sum()), samples + len(batch["index"])
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         it += 1
         pbar.update(1)
-        if it % log_interval == 0 or it == max_iters:
-            rate = tokens * world / (time.time() - t0)
-            pbar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:,.0f}")
+        if it % log_interval == 0 or it == max_iters:  # rates over the last log_interval iterations
+            dt = time.time() - t0
+            row = {"iter": it, "loss": total, "lr": optimizer.param_groups[0]["lr"],
+                   "samples_per_s": samples * world / dt, "tokens_per_s": tokens * world / dt}
+            if device_type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            pbar.set_postfix(loss=f"{total:.3f}", samples_s=f"{row['samples_per_s']:.1f}")
             if master:
-                log.write(json.dumps({"iter": it, "loss": total, "lr": optimizer.param_groups[0]["lr"],
-                                      "tokens_per_s": rate}) + "\n")
+                log.write(json.dumps(row) + "\n")
+            t0, tokens, samples = time.time(), 0, 0
         if it % eval_interval == 0 or it == max_iters:
             model.eval()
             val = eval_loss(model, eval_ex, feats_eval, tokenizer, eval_tf, blind)
