@@ -1,0 +1,173 @@
+"""The miniature world (toy.py) and its committed toy backbones.
+
+References: the official hub layout is checked by loading each toy checkpoint into the transformers model of
+the same kind and comparing outputs with ours; the tokenizer against transformers' GPT2TokenizerFast; the
+world's facts (captions, splits, scores) against values written out by hand."""
+import numpy as np
+import pytest
+import torch
+
+import toy
+from conftest import ROOT
+
+
+def media_array(media):
+    if isinstance(media, torch.Tensor):
+        return media.numpy()
+    if isinstance(media, list):
+        return np.stack([np.asarray(f) for f in media])
+    return np.asarray(media)
+
+
+@pytest.mark.parametrize("modality", toy.MODALITIES)
+def test_samples_are_deterministic(modality):
+    a, b, c = (toy.samples(modality, "train", 6, seed) for seed in (3, 3, 4))
+    for x, y in zip(a, b):
+        assert x["combo"] == y["combo"] and x["caption"] == y["caption"] and x["qa"] == y["qa"]
+        assert np.array_equal(media_array(x["media"]), media_array(y["media"]))
+    assert any(not np.array_equal(media_array(x["media"]), media_array(z["media"])) for x, z in zip(a, c))
+
+
+@pytest.mark.parametrize("modality", toy.MODALITIES)
+def test_media_types_and_shapes(modality):
+    media = toy.samples(modality, "heldout", 1, 0)[0]["media"]
+    if modality == "image":
+        assert media.mode == "RGB" and media.size == (toy.IMAGE_SIZE, toy.IMAGE_SIZE)
+    elif modality == "audio":
+        assert media.dtype == torch.float32 and media.shape == (toy.SAMPLE_RATE,) and media.abs().max() < 1
+    else:
+        assert len(media) == toy.NUM_FRAMES and all(f.mode == "RGB" for f in media)
+
+
+@pytest.mark.parametrize("modality", toy.MODALITIES)
+def test_heldout_split_is_disjoint_and_every_value_is_trained(modality):
+    train, held = toy.combinations(modality, "train"), toy.combinations(modality, "heldout")
+    key = lambda c: tuple(sorted(c.items()))
+    assert not {key(c) for c in train} & {key(c) for c in held}
+    n_all = int(np.prod([len(v) for v in toy.attributes(modality).values()]))
+    assert len(train) + len(held) == n_all and round(0.3 * n_all) == len(held)
+    for a, values in toy.attributes(modality).items():
+        assert {c[a] for c in train} == set(values)
+    assert all(s["combo"] in held for s in toy.samples(modality, "heldout", 20, 0))
+
+
+def test_captions_and_questions():
+    assert toy.caption("image", dict(shape="circle", colour="red", size="small", position="left")) == \
+        "a small red circle on the left"
+    assert toy.caption("audio", dict(count="three", length="short", pitch="high", kind="beep")) == \
+        "three short high beeps"
+    assert toy.caption("audio", dict(count="one", length="long", pitch="low", kind="buzz")) == "one long low buzz"
+    assert toy.caption("video", dict(shape="square", colour="blue", direction="up")) == "a blue square moves up"
+    qa = toy.questions("image", dict(shape="circle", colour="red", size="small", position="left"))
+    assert ("what colour is the circle?", "red") in qa
+    for m in toy.MODALITIES:
+        for combo in toy.combinations(m, "all")[:5]:
+            for q, a in toy.questions(m, combo):
+                assert q.endswith("?") and a in combo.values() and " " not in a
+    with pytest.raises(ValueError, match="modality 'smell'"):
+        toy.attributes("smell")
+    with pytest.raises(ValueError, match="split 'test'"):
+        toy.combinations("image", "test")
+
+
+def test_attribute_accuracy_and_chance():
+    combo = dict(count="three", length="short", pitch="high", kind="beep")
+    scores = toy.attribute_accuracy("audio", [({"combo": combo}, "three short high beeps"),
+                                              ({"combo": combo}, "two short low beeps and high")])
+    assert scores == {"count accuracy": 0.5, "length accuracy": 1.0, "pitch accuracy": 0.5, "kind accuracy": 1.0,
+                      "attribute accuracy": 0.75}
+    vqa = toy.attribute_accuracy("audio", [({"combo": combo, "answer": "high"}, " high"),
+                                           ({"combo": combo, "answer": "three"}, "two")])
+    assert vqa == {"count accuracy": 0.0, "pitch accuracy": 1.0, "attribute accuracy": 0.5}
+    assert toy.chance("image") == {"shape": 0.25, "colour": 0.2, "size": 0.5, "position": 0.25}
+
+
+def test_lm_corpus_puts_the_answer_in_context():
+    docs = toy.lm_corpus(300, seed=1)
+    assert docs == toy.lm_corpus(300, seed=1) and all(d.endswith("</s>") for d in docs)
+    with_context = [d for d in docs if d.count("</s>") == 2]
+    assert 0.7 < len(with_context) / len(docs) < 0.9
+    values = {v for m in toy.MODALITIES for vs in toy.attributes(m).values() for v in vs}
+    for d in with_context:  # every attribute value the caption or answer names was given before it
+        context, text, _ = d.split("</s>")
+        target = text.split(" </a> ")[1] if " </a> " in text else text
+        named = {v for v in values for w in target.split() if w in (v, v + "s", v + "es")}
+        assert named and named <= set(context.split()), d
+
+
+# ---- the committed checkpoints ----
+
+def test_toy_checkpoints_are_small_and_in_hub_layout():
+    files = [p for p in toy.TOY_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 10 * 2**20
+    for name in ("lm", "vit", "ast", "timesformer"):
+        assert (toy.TOY_DIR / name / "config.json").is_file() and (toy.TOY_DIR / name / "model.safetensors").is_file()
+    assert {p.name for p in (toy.TOY_DIR / "lm").iterdir()} >= {"vocab.json", "merges.txt"}
+
+
+def test_toy_tokenizer_matches_gpt2_tokenizer_and_round_trips():
+    transformers = pytest.importorskip("transformers")
+    import opt
+
+    ours = opt.load_tokenizer(str(toy.TOY_DIR / "lm"))
+    ref = transformers.GPT2TokenizerFast.from_pretrained(str(toy.TOY_DIR / "lm"))  # vocab.json + merges.txt
+    assert [ours.token_to_id(t) for t in ("<s>", "<pad>", "</s>", "<unk>")] == [0, 1, 2, 3]
+    for m in toy.MODALITIES:
+        for s in toy.samples(m, "heldout", 3, 0):
+            for text in [s["caption"], s["qa"][0][0] + toy.QA_SEPARATOR + s["qa"][0][1]]:
+                ids = ours.encode(text).ids
+                assert ids[0] == 2 and ids[1:] == ref(text)["input_ids"]
+                assert ours.decode(ids, skip_special_tokens=True) == text
+    for m in toy.MODALITIES:  # every attribute value is one token (the LM copies it from its context)
+        for v in (v for vs in toy.attributes(m).values() for v in vs):
+            assert len(ours.encode(" " + v).ids) == 2, v
+
+
+def test_toy_lm_loads_matches_transformers_and_reads_its_context():
+    transformers = pytest.importorskip("transformers")
+    import opt
+
+    lm = opt.OPT.from_pretrained(str(toy.TOY_DIR / "lm"))
+    ref = transformers.OPTForCausalLM.from_pretrained(str(toy.TOY_DIR / "lm")).eval()
+    tok = opt.load_tokenizer(str(toy.TOY_DIR / "lm"))
+    combo = toy.combinations("image", "heldout")[0]
+    prompt = "".join(" " + v for v in reversed(list(combo.values()))) + "</s>"  # as in lm_corpus
+    ids = torch.tensor([tok.encode(prompt).ids])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids), ref(ids).logits, atol=1e-4, rtol=1e-4)
+        for _ in range(12):  # greedy: the caption of the attributes it was given
+            nxt = lm(ids)[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+            if nxt.item() == 2:
+                break
+    assert tok.decode(ids[0].tolist(), skip_special_tokens=False).split("</s>")[2] == toy.caption("image", combo)
+
+
+ENCODER_REFERENCE = {"vit": "ViTModel", "ast": "ASTModel", "timesformer": "TimesformerModel"}
+
+
+@pytest.mark.parametrize("modality", toy.MODALITIES)
+def test_toy_encoder_loads_matches_transformers_and_separates_heldout_attributes(modality):
+    transformers = pytest.importorskip("transformers")
+    name = toy.ENCODER_OF[modality]
+    cls = {"vit": "vit.ViT", "ast": "ast_audio.AST", "timesformer": "timesformer.TimeSformer"}[name]
+    module = __import__(cls.split(".")[0])
+    encoder = getattr(module, cls.split(".")[1]).from_pretrained(str(toy.encoder_dir(modality)))
+    kwargs = {"add_pooling_layer": False} if name == "vit" else {}
+    ref = getattr(transformers, ENCODER_REFERENCE[name]).from_pretrained(str(toy.encoder_dir(modality)), **kwargs)
+    ref.eval()
+
+    train, held = toy.samples(modality, "train", 160, 0), toy.samples(modality, "heldout", 60, 0)
+    x_train, y_train = toy.media_batch(modality, encoder, train)
+    x_held, y_held = toy.media_batch(modality, encoder, held)
+    with torch.no_grad():
+        f_train, f_held = encoder(x_train, last=1)[-1][:, 0], encoder(x_held, last=1)[-1][:, 0]
+        torch.testing.assert_close(encoder(x_held[:4], last=1)[-1], ref(x_held[:4]).last_hidden_state,
+                                   atol=1e-4, rtol=1e-4)
+
+    # nearest class mean on the train combinations' [CLS], scored on held-out combinations
+    for i, (a, values) in enumerate(toy.attributes(modality).items()):
+        means = torch.stack([f_train[y_train[:, i] == k].mean(0) for k in range(len(values))])
+        pred = torch.cdist(f_held, means).argmin(1)
+        accuracy = (pred == y_held[:, i]).float().mean().item()
+        assert accuracy > 0.5 + 0.5 / len(values), (a, accuracy)
