@@ -196,7 +196,7 @@ def render_video(combo: dict, rng: np.random.Generator) -> list[Image.Image]:
     """NUM_FRAMES frames of a shape gliding across about half the frame in one direction."""
     s = VIDEO_SIZE
     bg = _background(s, rng)
-    r = 5.0 + rng.uniform(-1, 1)
+    r = s * 0.2 * rng.uniform(0.88, 1.12)
     dx, dy = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}[combo["direction"]]
     dist = s * rng.uniform(0.45, 0.6)
     x0 = s / 2 - dx * dist / 2 + rng.uniform(-3, 3) * (dx == 0)
@@ -568,7 +568,7 @@ def _check_reload(cls, model: nn.Module, folder: Path, *inputs) -> None:
         raise RuntimeError(f"{folder}: reloaded checkpoint differs from the trained model")
 
 
-ENCODER_STEPS = {"vit": 1500, "ast": 1000, "timesformer": 1200}
+ENCODER_STEPS = {"vit": 2000, "ast": 1000, "timesformer": 1500}
 
 
 def build_encoder(name: str, folder: Path, log=print) -> dict[str, float]:
@@ -631,11 +631,13 @@ def attribute_accuracy(modality: str, pairs: list[tuple[dict, str]]) -> dict[str
 
 
 def train_preset(modality: str, task: str) -> dict:
-    """train.py's settings for the miniature world: the 3-level toy encoders into layers 1-3 of the 4-layer
-    LM with one connector per level, on cached [CLS] features (the media never change between epochs), no
-    augmentation (a horizontal flip would swap "left" and "right"), high learning rates, greedy decoding."""
+    """train.py's settings for the miniature world: the [CLS] of the toy encoders' last 2 blocks into layers 1
+    and 2 of the 4-layer LM, one connector per level (the last layer reads what layer 2 received; injecting
+    the 3 levels into layers 1-3 left image shape at 86% held-out, layers 1-2 gave 96%), on cached features
+    (the media never change), no augmentation (a horizontal flip would swap "left" and "right"), high learning
+    rates, greedy decoding."""
     _check_modality(modality)
-    return {"num_levels": 3, "inject_start": 1, "inject_end": 4, "shared_connector": False,
+    return {"num_levels": 2, "inject_start": 1, "inject_end": 3, "shared_connector": False,
             "max_iters": 1500, "batch_size": 64, "lr": 1e-2, "prompt_lr": 1e-2, "warmup_iters": 50,
             "augment": False, "cache_features": True, "num_workers": 0, "eval_interval": 500,
             "eval_samples": 0, "num_beams": 1, "max_new_tokens": 16, "toy_train_samples": 4000,
