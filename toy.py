@@ -462,40 +462,6 @@ def train_encoder(modality: str, encoder: nn.Module, n_train: int = 2000, steps:
             for i, (a, head) in enumerate(zip(ATTRIBUTES[modality], heads))}
 
 
-# ---- what train.py needs: where the backbones are, its preset, scoring against the attributes ----
-def encoder_dir(modality: str) -> Path:
-    _check_modality(modality)
-    return TOY_DIR / {"image": "vit", "audio": "ast", "video": "timesformer"}[modality]
-
-
-def chance(modality: str) -> dict[str, float]:
-    """Accuracy of a uniform guess, per attribute."""
-    return {a: 1 / len(v) for a, v in attributes(modality).items()}
-
-
-def attribute_accuracy(modality: str, pairs) -> dict[str, float]:
-    """Per attribute, the fraction of generated texts that state its true value and no other value of it.
-    pairs: (example meta with "combo", and "answer" for a question, which then scores only what it asks)."""
-    hits = {a: [] for a in ATTRIBUTES[modality]}
-    for meta, text in pairs:
-        words = set(text.lower().replace("?", " ").replace(".", " ").split())
-        for a, values in ATTRIBUTES[modality].items():
-            if "answer" in meta and meta["combo"][a] != meta["answer"]:
-                continue
-            said = {v for v in values if {v, v + "s", v + "es"} & words}
-            hits[a].append(said == {meta["combo"][a]})
-    return {f"{a} accuracy": sum(h) / len(h) for a, h in hits.items() if h}
-
-
-def train_preset(modality: str, task: str) -> dict:
-    """train.py's settings for the miniature world (flags still override them)."""
-    _check_modality(modality)
-    return {"num_levels": 3, "inject_start": 1, "inject_end": 4, "shared_connector": False, "prompt_length": 10,
-            "lr": 3e-3, "prompt_lr": 3e-3, "weight_decay": 0.0, "max_iters": 1500, "warmup_iters": 100,
-            "batch_size": 32, "cache_features": True, "augment": False, "num_workers": 0, "eval_interval": 250,
-            "eval_samples": 0, "num_beams": 1, "max_new_tokens": 16, "blind_control": True}
-
-
 # ---- saving in the official hub layout, and building everything ----
 
 def encoder_dir(modality: str) -> Path:
@@ -635,13 +601,13 @@ def train_preset(modality: str, task: str) -> dict:
     and 2 of the 4-layer LM, one connector per level (the last layer reads what layer 2 received; injecting
     the 3 levels into layers 1-3 left image shape at 86% held-out, layers 1-2 gave 96%), on cached features
     (the media never change), no augmentation (a horizontal flip would swap "left" and "right"), high learning
-    rates, greedy decoding."""
+    rates, greedy decoding; the blind control (the same recipe on blanked media) runs after it."""
     _check_modality(modality)
     return {"num_levels": 2, "inject_start": 1, "inject_end": 3, "shared_connector": False,
             "max_iters": 1500, "batch_size": 64, "lr": 1e-2, "prompt_lr": 1e-2, "warmup_iters": 50,
             "augment": False, "cache_features": True, "num_workers": 0, "eval_interval": 500,
             "eval_samples": 0, "num_beams": 1, "max_new_tokens": 16, "toy_train_samples": 4000,
-            "toy_eval_samples": 300}
+            "toy_eval_samples": 300, "blind_control": True}
 
 
 if __name__ == "__main__":
