@@ -414,13 +414,29 @@ class Collate:
         return batch
 
 
+def media_fingerprint(media) -> bytes:
+    if isinstance(media, (str, Path)):
+        try:
+            st = os.stat(media)
+            return f"{media}|{st.st_size}|{st.st_mtime_ns}".encode()
+        except OSError:
+            return f"{media}|missing".encode()
+    if isinstance(media, (list, tuple)):
+        return b"".join(media_fingerprint(m) for m in media)
+    data = media.tobytes() if isinstance(media, Image.Image) else np.asarray(media).tobytes()
+    return hashlib.sha1(data).digest()
+
+
 def cached_features(model, examples: list[Example], transform: MediaTransform, cache_dir, key: str,
                     batch_size: int = 32, device="cpu") -> torch.Tensor:
     """The frozen encoder's K [CLS] tokens for every example, computed once and kept in
-    cache_dir/<hash of key>.safetensors (key: encoder, preprocessing, K and the media list), so later runs
-    skip the encoder. Returns (N, K, D) float32 on the CPU."""
-    key = f"{key}|{[str(e.media) if isinstance(e.media, (str, Path)) else e.id for e in examples]}"
-    path = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
+    cache_dir/<hash>.safetensors, so later runs skip the encoder. The hash covers `key` (the caller names the
+    encoder, its weights, preprocessing and K) and every media item: a file by path, size and modification
+    time, decoded media by content. Returns (N, K, D) float32 on the CPU."""
+    digest = hashlib.sha1(key.encode())
+    for e in examples:
+        digest.update(media_fingerprint(e.media))
+    path = Path(cache_dir) / f"{digest.hexdigest()[:16]}.safetensors"
     if path.exists():
         return load_file(str(path))["features"]
     chunks = []

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import hub
 import metrics
 import toy
 from model import EPALM, EPALMConfig, from_checkpoint, load_backbones, save_adapter
@@ -321,7 +322,9 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
     train_tf = data.MediaTransform.for_encoder(modality, model.encoder, train=augment and not cache_features)
     feats_train = feats_eval = None
     if cache_features:
-        key = f"{run_config()['encoder']}|{eval_tf}|K={model.config.num_levels}|{dataset}"
+        weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                         for f in hub.resolve(run_config()["encoder"]).iterdir() if f.is_file())
+        key = f"{run_config()['encoder']}|{weights}|{eval_tf}|K={model.config.num_levels}|{dataset}"
         with autocast:
             feats_train = data.cached_features(model, train_ex, eval_tf, out_dir.parent / "cache", key + "|train",
                                                batch_size, device)

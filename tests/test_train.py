@@ -107,3 +107,40 @@ def test_checkpoint_survives_a_kill_during_save(tmp_path):
         p.wait()
         state, config = load_adapter(path)
         assert torch.all(state["prompt"] == config["iter"])  # a whole, consistent checkpoint
+
+
+def test_feature_cache_reuses_unchanged_media_and_recomputes_changed(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import data
+    from vit import ImageTransform
+
+    class Encoder:  # counts how often the frozen encoder really runs
+        calls = 0
+
+        def encode(self, x):
+            Encoder.calls += 1
+            return x.mean(dim=(2, 3))[:, None, :].repeat(1, 2, 1)
+
+    images = [Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)) for i in range(3)]
+    files = []
+    for i, im in enumerate(images):
+        files.append(tmp_path / f"{i}.png")
+        im.save(files[-1])
+    tf = data.MediaTransform("image", image=ImageTransform(resize=(8, 8)))
+    for media in (images, files):
+        examples = [data.Example(str(i), m) for i, m in enumerate(media)]
+        Encoder.calls = 0
+        a = data.cached_features(Encoder(), examples, tf, tmp_path / "cache", "enc", batch_size=2)
+        b = data.cached_features(Encoder(), examples, tf, tmp_path / "cache", "enc", batch_size=2)
+        assert Encoder.calls == 2 and torch.equal(a, b)  # the second call read the cache
+        if media is images:
+            examples[1].media = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+        else:
+            time.sleep(0.01)
+            Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(files[1])
+        c = data.cached_features(Encoder(), examples, tf, tmp_path / "cache", "enc", batch_size=2)
+        assert Encoder.calls == 4 and not torch.equal(c[1], a[1]) and torch.equal(c[0], a[0])
+        data.cached_features(Encoder(), examples, tf, tmp_path / "cache", "other encoder", batch_size=2)
+        assert Encoder.calls == 6
