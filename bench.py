@@ -17,7 +17,6 @@ References: karpathy/nanoGPT bench.py; PaLM (Chowdhery et al. 2022) appendix B f
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess

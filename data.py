@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,7 +373,7 @@ class ExampleDataset(torch.utils.data.Dataset):
         try:
             return i, self.transform(self.examples[i].media)
         except MediaError as e:
-            warnings.warn(f"skipped: {e}")
+            print(f"warning: skipped {e}", file=sys.stderr)  # one line, also from a loader worker
             return i, None
 
 
@@ -446,7 +447,7 @@ def cached_features(model, examples: list[Example], transform: MediaTransform, c
             try:
                 batch.append(transform(e.media))
             except MediaError as err:  # stored as NaN: the caller drops these examples
-                warnings.warn(f"skipped: {err}")
+                print(f"warning: skipped {err}", file=sys.stderr)
                 batch.append(None)
         ok = [x for x in batch if x is not None]
         feats = model.encode(torch.stack(ok).to(device)).float().cpu() if ok else None

@@ -15,7 +15,7 @@ Sequence seen by the LM (left-padded text):   [media] [prompt x P] [pad ... pad]
 """
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -282,7 +282,7 @@ def predict(model, examples, features, tokenizer, transform, blind, desc="genera
             try:
                 items.append((i, features[i] if features is not None else transform(examples[i].media)))
             except data.MediaError as e:
-                say(f"skipped: {e}")
+                say(f"warning: skipped {e}", file=sys.stderr)
         batch = collate(items)
         if not batch["index"]:
             continue

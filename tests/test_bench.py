@@ -8,10 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
-
 import bench
-from opt import OPTConfig
+from conftest import ROOT
 
 
 def numbers(tree, path=""):

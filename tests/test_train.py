@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -145,3 +144,19 @@ def test_feature_cache_reuses_unchanged_media_and_recomputes_changed(tmp_path):
         assert Encoder.calls == 4 and not torch.equal(c[1], a[1]) and torch.equal(c[0], a[0])
         data.cached_features(Encoder(), examples, tf, tmp_path / "cache", "other encoder", batch_size=2)
         assert Encoder.calls == 6
+
+
+def test_undecodable_media_are_dropped_with_one_line_each(tmp_path, capfd):
+    import data
+    from vit import ImageTransform
+    good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
+    from PIL import Image
+    Image.new("RGB", (8, 8), "red").save(good)
+    bad.write_bytes(b"not an image at all")
+    examples = [data.Example("0", good, "", "a red square"), data.Example("1", bad, "", "oops")]
+    tok = __import__("opt").load_tokenizer(str(ROOT.parent / "shared" / "testdata" / "tokenizer" / "opt"))
+    ds = data.ExampleDataset(examples, data.MediaTransform("image", image=ImageTransform(resize=(8, 8))))
+    batch = data.Collate(examples, tok)([ds[0], ds[1]])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jpg" in err[0] and err[0].startswith("warning: skipped")
+    assert batch["index"] == [0] and batch["dropped"] == 1 and batch["media"].shape == (1, 3, 8, 8)
