@@ -160,3 +160,17 @@ def test_undecodable_media_are_dropped_with_one_line_each(tmp_path, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jpg" in err[0] and err[0].startswith("warning: skipped")
     assert batch["index"] == [0] and batch["dropped"] == 1 and batch["media"].shape == (1, 3, 8, 8)
+
+
+def test_torchrun_two_processes_on_cpu(tiny_backbones, tmp_path):
+    """DDP with the gloo backend: both ranks train, rank 0 writes the checkpoint and the scores."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "train.py"),
+           "--modality=image", f"--lm={tiny_backbones['lm']}", f"--encoder={tiny_backbones['image']}",
+           f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--toy_train_samples=32", "--toy_eval_samples=4",
+           "--batch_size=4", "--blind_control=False", "--max_new_tokens=2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    state, config = load_adapter(out / "ckpt.safetensors")
+    assert config["iter"] == 2 and (out / "scores.json").exists()
