@@ -232,3 +232,17 @@ def test_trainable_fraction_of_pt_l_recipe_is_tiny():
     assert 0.0006 < n / total < 0.00061
     assert n / (total + 50272 * 4096) < 0.0006
     assert m.parameter_report() == f"trainable: {n:,} (0.061% of {total:,})"
+
+
+def test_mlp_reparametrised_prompt_trains_through_the_mlp(tmp_path):
+    lm, _ = tiny_lm(tmp_path)
+    m = EPALM(lm, tiny_encoder(), EPALMConfig(num_levels=2, prompt_length=3, prompt_mlp=True, prompt_mlp_hidden=8))
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {"prompt", "prompt_mlp.0.weight", "prompt_mlp.2.weight"} <= trainable
+    ids = torch.tensor([[2, 5, 6, 7]])
+    _, loss = m(torch.randn(1, 3, 16, 16), ids, targets=ids)
+    loss.backward()
+    assert m.prompt_mlp[0].weight.grad.abs().sum() > 0 and m.prompt.grad.abs().sum() > 0
+    # the MLP's output, not the raw vectors, is what the LM sees
+    torch.testing.assert_close(m.prompt_vectors(), m.prompt_mlp(m.prompt))
+    assert not torch.allclose(m.prompt_vectors(), m.prompt)
