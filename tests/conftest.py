@@ -1,4 +1,4 @@
-"""Shared test setup: the project root on sys.path, small thread count, paths to ../shared/testdata."""
+"""Shared test setup: the project root on sys.path, small thread count, paths to tests/data."""
 import os
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-TESTDATA = ROOT.parent / "shared" / "testdata"
+TESTDATA = ROOT / "tests" / "data"  # real files kept in the repository (tests/data/SOURCES.md)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 import shutil

@@ -1,6 +1,6 @@
 """The data-set readers (data.read_dataset) on small copies of each benchmark's real layout.
 
-References: the real annotation excerpts in shared/testdata/annotations (AudioCaps val csv, MSR-VTT JSFusion 1k-A
+References: the real annotation excerpts in tests/data/annotations (AudioCaps val csv, MSR-VTT JSFusion 1k-A
 csv, VQAv2 questions/annotations) and hand-written files in the documented formats, with the shared media files
 standing in for the benchmark's images, clips and videos. Expected values are read off those files by hand.
 """

@@ -9,7 +9,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, TESTDATA
 import toy
 from model import load_adapter
 
@@ -154,7 +154,7 @@ def test_undecodable_media_are_dropped_with_one_line_each(tmp_path, capfd):
     Image.new("RGB", (8, 8), "red").save(good)
     bad.write_bytes(b"not an image at all")
     examples = [data.Example("0", good, "", "a red square"), data.Example("1", bad, "", "oops")]
-    tok = __import__("opt").load_tokenizer(str(ROOT.parent / "shared" / "testdata" / "tokenizer" / "opt"))
+    tok = __import__("opt").load_tokenizer(str(TESTDATA / "tokenizer" / "opt"))
     ds = data.ExampleDataset(examples, data.MediaTransform("image", image=ImageTransform(resize=(8, 8))))
     batch = data.Collate(examples, tok)([ds[0], ds[1]])
     err = capfd.readouterr().err.strip().splitlines()
