@@ -6,49 +6,54 @@
     python sample.py --video clip.mp4 --temperature 0.8 --top_p 0.9
 
 Without --checkpoint it uses the default run of train.py for the modality and task (out/{modality}-{task}).
-The checkpoint holds only the adaptation parameters; its configuration names the frozen backbones.
+The checkpoint holds only the adaptation parameters; its configuration names the frozen backbones. Settings are
+read as train.py reads them (`--key value` or `--key=value`, see configurator.py); `--help` lists them.
 """
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
+import configurator
 import data
 from model import from_checkpoint
 
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    media = p.add_mutually_exclusive_group(required=True)
-    for m in data.MODALITIES:
-        media.add_argument(f"--{m}", nargs="+", metavar="FILE", help=f"{m} file(s), generated for in one batch")
-    p.add_argument("--question", help="ask this question (VQA) instead of captioning")
-    p.add_argument("--checkpoint", help="a run's out_dir or its ckpt.safetensors (default: out/{modality}-{task})")
-    p.add_argument("--num_beams", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy / beam search; > 0: sampling")
-    p.add_argument("--top_k", type=int)
-    p.add_argument("--top_p", type=float)
-    p.add_argument("--max_new_tokens", type=int, default=30)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+image = []                  # files to caption or ask about, all generated for in one batch
+audio = []                  # (wav natively; flac, mp3, ogg, m4a with PyAV)
+video = []                  # (mp4, avi, webm, mkv, mov with PyAV; GIFs and folders of frames without)
+question = ""               # ask this question (VQA) instead of captioning
+checkpoint = ""             # a run's out_dir or its ckpt.safetensors; "" = out/{modality}-{task}
+num_beams = 1
+temperature = 0.0           # 0: greedy (or beam search); > 0: sampling
+top_k = None
+top_p = None
+max_new_tokens = 30
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # CPUs without bf16 instructions: fp32
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    modality = next(m for m in data.MODALITIES if getattr(args, m))
-    files = getattr(args, modality)
-    task = "vqa" if args.question else "caption"
-    path = Path(args.checkpoint or f"out/{modality}-{task}")
+    defaults = {k: v for k, v in globals().items() if not k.startswith("_") and
+                isinstance(v, (int, float, bool, str, list, type(None)))}
+    args = {**defaults, **configurator.overrides(sys.argv[1:] if argv is None else argv, defaults, __doc__)}
+    given = [m for m in data.MODALITIES if args[m]]
+    if len(given) != 1:
+        configurator.fail(f"give the files of exactly one modality: --image, --audio or --video "
+                          f"(got {', '.join('--' + m for m in given) or 'none'})")
+    if args["dtype"] not in ("float32", "bfloat16", "float16"):
+        configurator.fail(f"--dtype {args['dtype']}: expected float32, bfloat16 or float16")
+    modality, files = given[0], args[given[0]]
+    task = "vqa" if args["question"] else "caption"
+    path = Path(args["checkpoint"] or f"out/{modality}-{task}")
     if path.is_dir():
         path = path / "ckpt.safetensors"
     if not path.exists():
-        hint = "" if args.checkpoint else f": train one first with `python train.py --modality={modality} --task={task}`"
+        hint = "" if args["checkpoint"] else f": train one first with `python train.py --modality {modality} --task {task}`"
         print(f"error: no checkpoint at {path}{hint}, or pass --checkpoint", file=sys.stderr)
         return 1
     try:
-        model, tokenizer, config = from_checkpoint(path)
+        model, tokenizer, config = from_checkpoint(path, dtype=getattr(torch, args["dtype"]))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -61,13 +66,16 @@ def main(argv=None) -> int:
     except data.MediaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    prompt = data.vqa_prompt(args.question) if args.question else ""
+    prompt = data.vqa_prompt(args["question"]) if args["question"] else ""
     ids, mask, _ = data.text_batch(tokenizer, [prompt] * len(files))
-    torch.manual_seed(args.seed)
-    model.to(args.device)
-    out = model.generate(media.to(args.device), ids.to(args.device), mask.to(args.device),
-                         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    torch.manual_seed(args["seed"])
+    model.to(args["device"])
+    device_type = torch.device(args["device"]).type
+    precision = torch.autocast(device_type, getattr(torch, args["dtype"]), enabled=args["dtype"] != "float32")
+    with precision:  # as train.py evaluates: weights in dtype, the adapter in float32, autocast between them
+        out = model.generate(media.to(args["device"]), ids.to(args["device"]), mask.to(args["device"]),
+                             max_new_tokens=args["max_new_tokens"], num_beams=args["num_beams"],
+                             temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"])
     for f, tokens in zip(files, out):
         print(f"{f}: {tokenizer.decode(tokens, skip_special_tokens=True).strip()}")
     return 0

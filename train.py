@@ -1,16 +1,16 @@
 """Train eP-ALM: a frozen LM and a frozen encoder, with a linear connector and a soft prompt trained on top.
 
-    python train.py --modality=audio                      # the miniature world (toy.py), minutes on a CPU
+    python train.py --modality audio                      # the miniature world (toy.py), minutes on a CPU
     python train.py --modality=image --task=vqa           # ... answering questions instead of captioning
-    python train.py --modality=image --dataset=coco --data=/data/coco \\
+    python train.py --modality=image --dataset=coco --data_dir=/data/coco \\
         --lm=facebook/opt-2.7b --encoder=google/vit-base-patch16-224   # the real thing (a GPU)
     torchrun --nproc_per_node=8 train.py ...              # several GPUs (DDP over the adaptation parameters)
     python train.py --eval_only --out_dir=out/image-caption   # score a checkpoint, write its predictions
 
-Configuration is nanoGPT's: the defaults below, then the toy world's preset (when dataset is toy), then an
-optional JSON file given as a bare argument, then --key=value flags.
+Configuration is nanoGPT's: the defaults below, then the toy world's preset (when dataset is toy), then
+JSON files given as bare arguments, then flags (`--key value` or `--key=value`; see configurator.py).
+`python train.py --help` lists every setting.
 """
-import ast
 import functools
 import json
 import math
@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import configurator
 import data
 import hub
 import metrics
 import toy
-from model import EPALM, EPALMConfig, from_checkpoint, load_backbones, save_adapter
+from model import EPALM, EPALMConfig, from_checkpoint, load_adapter, load_backbones, save_adapter
 
 # ---- configuration ----
 modality = "image"          # image | audio | video
@@ -78,46 +79,30 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # bf16 matmuls a
 compile = torch.cuda.is_available()                               # without bf16 instructions
 
 
-def configure(argv: list[str], settings: dict) -> dict:
-    """Apply the toy preset, a JSON file and --key=value flags to the defaults, with type checks."""
-    files = [a for a in argv if not a.startswith("--")]
-    flags = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "True") for a in argv if a.startswith("--"))
-    chosen = {}
-    for f in files:
-        try:
-            chosen.update(json.loads(Path(f).read_text()))
-        except (OSError, ValueError) as e:
-            sys.exit(f"config file {f}: {e}")
-    for k, v in flags.items():
-        try:
-            chosen[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            chosen[k] = v  # a bare string
-    for k, v in chosen.items():
-        if k not in settings:
-            sys.exit(f"unknown setting --{k} (known: {', '.join(sorted(settings))})")
-    merged = {**settings, **chosen}
-    for k, allowed in [("modality", data.MODALITIES), ("task", ("caption", "vqa")), ("inject", ("late", "input")),
-                       ("init_from", ("scratch", "resume")), ("dataset", ("toy", *data.DATASETS))]:
-        if merged[k] not in allowed:
-            sys.exit(f"--{k}={merged[k]}: expected one of {', '.join(allowed)}")
-    if merged["dataset"] == "toy":
-        chosen = {**toy.train_preset(merged["modality"], merged["task"]), **chosen}
-    elif "task" not in chosen:
-        chosen["task"] = data.DATASETS[merged["dataset"]]
-    kinds = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
-    for k, v in chosen.items():
-        d = settings[k]
-        if d is not None and v is not None and not isinstance(v, type(d)) and not (
-                isinstance(d, float) and isinstance(v, int) and not isinstance(v, bool)):
-            sys.exit(f"--{k}={v!r}: expected {kinds[type(d)]}")
-        settings[k] = float(v) if isinstance(d, float) and v is not None else v
-    return settings
-
-
+# ---- the command line: --key value / --key=value flags and JSON files over the defaults above ----
 settings = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
-settings = configure(sys.argv[1:], settings)
+chosen = configurator.overrides(sys.argv[1:], settings, __doc__)
+if chosen.get("eval_only"):  # a checkpoint knows what it was trained on: score it on that
+    ckpt = Path(chosen.get("out_dir") or f"out/{chosen.get('modality', modality)}-{chosen.get('task', task)}",
+                "ckpt.safetensors")
+    if not ckpt.exists():
+        configurator.fail(f"--eval_only: no checkpoint at {ckpt} (train first, or pass --out_dir)")
+    try:
+        _, trained = load_adapter(ckpt)
+    except ValueError as e:
+        configurator.fail(f"--eval_only: {e}")
+    chosen.update(out_dir=str(ckpt.parent), **{k: trained[k] for k in ("modality", "task", "dataset")})
+for k, allowed in [("modality", data.MODALITIES), ("task", ("caption", "vqa")), ("inject", ("late", "input")),
+                   ("init_from", ("scratch", "resume")), ("dataset", ("toy", *data.DATASETS)),
+                   ("dtype", ("float32", "bfloat16", "float16"))]:
+    if chosen.get(k, settings[k]) not in allowed:
+        configurator.fail(f"--{k} {chosen[k]}: expected one of {', '.join(allowed)}")
+if chosen.get("dataset", dataset) == "toy":  # the miniature world's preset, under what the user chose
+    chosen = {**toy.train_preset(chosen.get("modality", modality), chosen.get("task", task)), **chosen}
+elif "task" not in chosen:
+    chosen["task"] = data.DATASETS[chosen["dataset"]]
+settings.update(chosen)
 globals().update(settings)
 out_dir = Path(out_dir or f"out/{modality}-{task}")
 
@@ -130,8 +115,6 @@ if ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
 master = rank == 0
-if dtype not in ("float32", "bfloat16", "float16"):
-    sys.exit(f"--dtype={dtype}: expected float32, bfloat16 or float16")
 ptdtype = getattr(torch, dtype)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
@@ -267,8 +250,8 @@ def eval_loss(model, examples, features, tokenizer, transform, blind, max_batche
         with autocast:
             _, loss = model(media, batch["ids"].to(device), batch["mask"].to(device), batch["targets"].to(device),
                             features=feats)
-        losses.append(loss.item())
-    return sum(losses) / max(1, len(losses))
+        losses.append(loss.detach())
+    return torch.stack(losses).mean().item() if losses else float("nan")
 
 
 @torch.no_grad()
@@ -343,10 +326,14 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
                 unit="it", disable=not master, dynamic_ncols=True)
     seen = dropped = 0
     t0, tokens, samples = time.time(), 0, 0
+    # The losses stay on the device until a log line or a checkpoint needs them: a .item() per micro-step would
+    # make the CPU wait for the GPU once per micro-batch (nanoGPT syncs only at log intervals for this reason).
+    # A NaN or inf in any step makes the interval's sum non-finite, so the check below still catches it, before
+    # any checkpoint is written from the damaged weights.
+    interval_loss, interval_start = torch.zeros((), device=device), it
     while it < max_iters:
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(it)
-        total = 0.0
         for micro in range(grad_accum):
             batch = next(stream)
             seen, dropped = seen + len(batch["index"]) + batch["dropped"], dropped + batch["dropped"]
@@ -358,11 +345,8 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
             with sync, autocast:
                 _, loss = fwd(media, batch["ids"].to(device), batch["mask"].to(device),
                               batch["targets"].to(device), features=feats)
-            if not torch.isfinite(loss):
-                sys.exit(f"loss is {loss.item()} at iteration {it}: stopped. The last good checkpoint "
-                         f"({run_dir / 'ckpt.safetensors'}) is kept; try a lower --lr")
             (loss / grad_accum).backward()
-            total += loss.item() / grad_accum
+            interval_loss += loss.detach() / grad_accum
             tokens, samples = tokens + int(batch["mask"].sum()), samples + len(batch["index"])
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), grad_clip)
@@ -370,17 +354,27 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
         optimizer.zero_grad(set_to_none=True)
         it += 1
         pbar.update(1)
-        if it % log_interval == 0 or it == max_iters:  # rates over the last log_interval iterations
-            dt = time.time() - t0
-            row = {"iter": it, "loss": total, "lr": optimizer.param_groups[0]["lr"],
-                   "samples_per_s": samples * world / dt, "tokens_per_s": tokens * world / dt}
-            if device_type == "cuda":
-                row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            pbar.set_postfix(loss=f"{total:.3f}", samples_s=f"{row['samples_per_s']:.1f}")
-            if master:
-                log.write(json.dumps(row) + "\n")
-            t0, tokens, samples = time.time(), 0, 0
-        if it % eval_interval == 0 or it == max_iters:
+        evaluate_now = it % eval_interval == 0 or it == max_iters
+        if not (it % log_interval == 0 or evaluate_now):
+            continue
+        if ddp:
+            torch.distributed.all_reduce(interval_loss)
+        train_loss = interval_loss.item() / (it - interval_start) / world  # the one host sync of the interval
+        if not math.isfinite(train_loss):
+            sys.exit(f"loss is {train_loss} between iterations {interval_start + 1} and {it}: stopped. The last good "
+                     f"checkpoint ({run_dir / 'ckpt.safetensors'}) is kept; try a lower --lr")
+        dt = time.time() - t0  # rates over the iterations since the last log line
+        row = {"iter": it, "loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+               "samples_per_s": samples * world / dt, "tokens_per_s": tokens * world / dt}
+        if device_type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        pbar.set_postfix(loss=f"{train_loss:.3f}", samples_s=f"{row['samples_per_s']:.1f}")
+        if master:
+            log.write(json.dumps(row) + "\n")
+        t0, tokens, samples = time.time(), 0, 0
+        interval_loss.zero_()
+        interval_start = it
+        if evaluate_now:
             model.eval()
             val = eval_loss(model, eval_ex, feats_eval, tokenizer, eval_tf, blind)
             model.train()
@@ -389,7 +383,7 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
                 log.flush()
                 save_checkpoint(model, optimizer, it, run_dir)
                 plot_curves(run_dir / "log.jsonl", run_dir / "curves.png")
-            pbar.write(f"iter {it}: train loss {total:.4f}, held-out loss {val:.4f}") if master else None
+                pbar.write(f"iter {it}: train loss {train_loss:.4f}, held-out loss {val:.4f}")
     pbar.close()
     log.close()
     return evaluate(model, tokenizer, eval_ex, feats_eval, eval_tf, run_dir, blind)
@@ -420,30 +414,59 @@ def evaluate(model, tokenizer, examples, features, transform, run_dir: Path, bli
     return scores
 
 
-def plot_curves(log_path: Path, png_path: Path, size=(640, 400)) -> None:
-    """Training and held-out loss against iterations, drawn with Pillow (no plotting dependency)."""
+def nice_ticks(low: float, high: float, log: bool) -> list[float]:
+    """Round axis values between low and high: 1-2-5 steps (log: 1, 2, 5 x 10^k, or every digit when the range
+    is less than a decade)."""
+    if log:
+        decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        for mantissas in ((1,), (1, 2, 5), tuple(range(1, 10))):
+            ticks = [m * 10.0 ** d for d in decades for m in mantissas if low <= m * 10.0 ** d <= high]
+            if len(ticks) >= 3:
+                return ticks
+        return ticks or [low, high]
+    raw = (high - low) / 5 or 1.0
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return [k * step for k in range(math.ceil(low / step), math.floor(high / step) + 1)]
+
+
+def plot_curves(log_path: Path, png_path: Path, size=(720, 440)) -> None:
+    """Training loss (line) and held-out loss (markers) against iterations on a log-scale loss axis, drawn with
+    Pillow (no plotting dependency). Log scale because the loss falls by orders of magnitude early on."""
     from PIL import Image, ImageDraw
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    series = {"train loss": [(r["iter"], r["loss"]) for r in rows if "loss" in r],
-              "held-out loss": [(r["iter"], r["val_loss"]) for r in rows if "val_loss" in r]}
-    points = [p for s in series.values() for p in s]
+    train_pts = [(r["iter"], r["loss"]) for r in rows if "loss" in r and r["loss"] > 0]
+    val_pts = [(r["iter"], r["val_loss"]) for r in rows if "val_loss" in r and r["val_loss"] > 0]
+    points = train_pts + val_pts
     if len(points) < 2:
         return
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    (x0, y0), (x1, y1) = (50, 20), (size[0] - 20, size[1] - 40)
-    xmax = max(p[0] for p in points)
-    ymin, ymax = min(p[1] for p in points), max(p[1] for p in points)
+    (x0, y0), (x1, y1) = (70, 20), (size[0] - 20, size[1] - 60)
+    xmax = max(1, max(p[0] for p in points))
+    low, high = min(p[1] for p in points), max(p[1] for p in points)
+    low, high = (low / 1.5, high * 1.5) if high / low < 1.5 else (low / 1.1, high * 1.1)
     def xy(p):
-        return (x0 + (x1 - x0) * p[0] / max(1, xmax), y1 - (y1 - y0) * (p[1] - ymin) / max(1e-9, ymax - ymin))
+        y = (math.log(p[1]) - math.log(low)) / (math.log(high) - math.log(low))
+        return x0 + (x1 - x0) * p[0] / xmax, y1 - (y1 - y0) * y
+    for v in nice_ticks(low, high, log=True):  # horizontal grid lines with their loss values
+        y = xy((0, v))[1]
+        draw.line((x0, y, x1, y), fill=(225, 225, 225))
+        draw.text((x0 - 8, y), f"{v:g}", fill="black", anchor="rm")
+    for v in nice_ticks(0, xmax, log=False):
+        x = xy((v, low))[0]
+        draw.line((x, y0, x, y1), fill=(235, 235, 235))
+        draw.text((x, y1 + 6), f"{v:g}", fill="black", anchor="mt")
     draw.rectangle((x0, y0, x1, y1), outline="black")
-    for (name, pts), colour, ty in zip(series.items(), ("steelblue", "darkorange"), (y1 + 8, y1 + 22)):
-        if len(pts) > 1:
-            draw.line([xy(p) for p in pts], fill=colour, width=2)
-        draw.text((x0, ty), f"{name} (last {pts[-1][1]:.3f})" if pts else name, fill=colour)
-    draw.text((x1 - 120, y1 + 8), f"iterations 0..{xmax}", fill="black")
-    draw.text((4, y0), f"{ymax:.2f}", fill="black")
-    draw.text((4, y1 - 10), f"{ymin:.2f}", fill="black")
+    if len(train_pts) > 1:
+        draw.line([xy(p) for p in train_pts], fill="steelblue", width=2)
+    for p in val_pts:
+        x, y = xy(p)
+        draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill="darkorange", outline="black")
+    draw.text(((x0 + x1) / 2, y1 + 24), "iterations", fill="black", anchor="mt")
+    draw.text((8, y0 - 14), "loss (log scale)", fill="black")
+    legend = [("train loss", "steelblue", train_pts), ("held-out loss", "darkorange", val_pts)]
+    for k, (name, colour, pts) in enumerate(legend):
+        draw.text((x0 + 10 + 230 * k, y1 + 40), f"{name} (last {pts[-1][1]:.4g})" if pts else name, fill=colour)
     img.save(png_path)
 
 
@@ -461,14 +484,10 @@ def results_table(scores: dict, blind: dict | None) -> str:
 
 
 def main():
-    if eval_only:
-        path = out_dir / "ckpt.safetensors"
-        if not path.exists():
-            sys.exit(f"--eval_only: no checkpoint at {path} (train first, or pass --out_dir)")
-        model, tokenizer, cfg = from_checkpoint(path, dtype=ptdtype if device_type == "cuda" else torch.float32)
+    if eval_only:  # modality, task and dataset were read from the checkpoint with the settings
+        model, tokenizer, _ = from_checkpoint(out_dir / "ckpt.safetensors",
+                                              dtype=ptdtype if device_type == "cuda" else torch.float32)
         model.to(device)
-        global modality, task, dataset  # the checkpoint knows what it was trained on
-        modality, task, dataset = cfg["modality"], cfg["task"], cfg["dataset"]
         _, eval_ex = load_examples(train_split=False)
         eval_tf = data.MediaTransform.for_encoder(modality, model.encoder)
         scores = evaluate(model, tokenizer, eval_ex, None, eval_tf, out_dir, blind=False)

@@ -61,4 +61,4 @@ def test_default_checkpoint_missing_says_how_to_train(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--video", str(FILES["video"][0])],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
-    assert p.returncode == 1 and "python train.py --modality=video" in p.stderr, p.stderr
+    assert p.returncode == 1 and "python train.py --modality video" in p.stderr, p.stderr

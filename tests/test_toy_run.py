@@ -12,7 +12,8 @@ from conftest import ROOT
 
 @pytest.mark.parametrize("modality", ["image", "audio", "video"])
 def test_short_run_beats_its_blind_control_on_heldout_combinations(tmp_path, modality):
-    cmd = [sys.executable, str(ROOT / "train.py"), f"--modality={modality}", "--max_iters=200",
+    # the brief's own form, `--modality audio`, and the `--key=value` form side by side
+    cmd = [sys.executable, str(ROOT / "train.py"), "--modality", modality, "--max_iters=200",
            "--toy_train_samples=800", "--toy_eval_samples=60", "--eval_interval=200", "--blind_control=True",
            f"--out_dir={tmp_path}"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,

@@ -72,10 +72,56 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
 
 
 def test_bad_flags_are_one_line_errors(tiny_backbones, tmp_path):
-    for flag, words in [("--modality=smell", "expected one of"), ("--batch_size=big", "expected an integer"),
-                        ("--no_such_thing=1", "unknown setting")]:
-        p = run_train(tiny_backbones, tmp_path / "bad", flag, check=False)
+    for flags, words in [(["--modality=smell"], "--modality smell: expected one of image, audio, video"),
+                         (["--modality", "smell"], "--modality smell: expected one of"),
+                         (["--batch_size=big"], "expected an integer"), (["--no_such_thing=1"], "unknown setting"),
+                         (["--batch_size"], "--batch_size: missing value"),
+                         (["--eval_only", "--out_dir", str(tmp_path / "none")], "--eval_only: no checkpoint at")]:
+        p = run_train(tiny_backbones, tmp_path / "bad", *flags, check=False)
         assert p.returncode != 0 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_eval_only_takes_modality_task_and_data_set_from_the_checkpoint(tiny_backbones, tmp_path):
+    out = tmp_path / "audio-run"
+    run_train(tiny_backbones, out, "--max_iters=1", "--eval_interval=1", "--eval_samples=2", modality="audio")
+    (out / "scores.json").unlink()
+    # the space form, and a modality flag the checkpoint overrides (it was trained on audio)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--eval_only", "--modality", "image", "--out_dir", str(out),
+           "--toy_eval_samples", "4", "--max_new_tokens", "2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4  # the toy world's audio captions, not its image captions
+    assert all(any(w in r["references"][0] for w in ("beep", "chirp", "buzz")) for r in preds), preds
+    assert (out / "scores.json").exists()
+
+
+def test_curves_use_a_log_loss_axis_with_markers(tmp_path, monkeypatch):
+    """The audio run's shape: 1.48 -> 0.06 in the first 10% of iterations, then halving over the other 90%.
+    On a linear axis that second half is a flat line on the floor (~7 px); on a log axis it is visible."""
+    import importlib
+    import math
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    train = importlib.import_module("train")
+    rows = [{"iter": i, "loss": 1.48 * math.exp(-i * math.log(1.48 / 0.06) / 150) if i <= 150 else
+             0.06 * 0.5 ** ((i - 150) / 1350)} for i in range(10, 1501, 10)]
+    rows += [{"iter": i, "val_loss": 0.05} for i in (500, 1000, 1500)]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    train.plot_curves(tmp_path / "log.jsonl", tmp_path / "curves.png")
+    from PIL import Image
+    img = Image.open(tmp_path / "curves.png").convert("RGB")
+    pixels = img.load()
+    def rows_of(colour, x):  # y coordinates of a colour in one pixel column
+        return [y for y in range(img.height) if pixels[x, y] == colour]
+    blue = (70, 130, 180)  # steelblue, the training line
+    columns = [x for x in range(img.width) if rows_of(blue, x)]
+    early, late = rows_of(blue, columns[0] + (columns[-1] - columns[0]) // 10), rows_of(blue, columns[-1])
+    assert min(late) - max(early) > 40, (early, late)  # the last 90% spans more than 40 px
+    orange = (255, 140, 0)
+    assert sum(pixels[x, y] == orange for x in range(img.width) for y in range(img.height)) > 3 * 20  # 3 markers
+    assert train.nice_ticks(0.02, 2.2, log=True) == [0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
+    assert train.nice_ticks(0, 1500, log=False) == [0, 200, 400, 600, 800, 1000, 1200, 1400]
 
 
 SAVER = """

@@ -1,0 +1,106 @@
+"""Command-line settings for train.py and sample.py, in nanoGPT's spirit: a script keeps its settings as plain
+defaults at its top; the command line overrides them.
+
+    python train.py --modality audio --max_iters=200 my_run.json
+    python sample.py --image cat.jpg dog.png --num_beams 3
+
+- `--key value` and `--key=value` both work (`--max-new-tokens` is `--max_new_tokens`);
+- a boolean alone means True (`--eval_only`), or takes True/False after it (`--compile False`);
+- a list setting (sample.py's `--image`) takes every argument up to the next flag;
+- a bare argument is a JSON file of settings, applied before the flags;
+- an unknown setting, a missing value or a value of the wrong type is a one-line error naming the setting.
+
+Reference: karpathy/nanoGPT's configurator.py (which reads only `--key=value` and exec's config files; here
+config files are JSON and nothing is exec'd).
+"""
+import ast
+import difflib
+import json
+import sys
+from pathlib import Path
+
+KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string", list: "one or more values"}
+
+
+def fail(message: str):
+    sys.exit(f"error: {message}")
+
+
+def parse_value(key: str, raw, default):
+    """raw (a command-line string, or a value from a JSON file) as the type of the setting's default."""
+    if isinstance(default, list):
+        return [str(v) for v in raw] if isinstance(raw, list) else [str(raw)]
+    if isinstance(raw, str) and isinstance(default, bool) and raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if isinstance(raw, str) and not isinstance(default, str):
+        try:
+            raw = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            if default is not None:
+                fail(f"--{key} {raw}: expected {KINDS[type(default)]}")
+    if default is None or raw is None:  # settings without a fixed type (None = "automatic")
+        return raw
+    if isinstance(default, float) and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if not isinstance(raw, type(default)) or (isinstance(raw, bool) and not isinstance(default, bool)):
+        fail(f"--{key} {raw!r}: expected {KINDS[type(default)]}")
+    return raw
+
+
+def known_key(flag: str, defaults: dict) -> str:
+    key = flag.removeprefix("--").replace("-", "_")
+    if key not in defaults:
+        close = difflib.get_close_matches(key, list(defaults), n=1)
+        fail(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else "") +
+             "; --help lists the settings")
+    return key
+
+
+def overrides(argv: list[str], defaults: dict, doc: str = "") -> dict:
+    """The settings argv changes: JSON files (bare arguments) first, then the flags, checked against the types
+    of `defaults`. `--help` prints doc and the settings with their defaults."""
+    if "-h" in argv or "--help" in argv:
+        print(doc.strip() + "\n\nsettings (default):")
+        for k, v in defaults.items():
+            print(f"  --{k} {v!r}")
+        sys.exit(0)
+    files, flags, i = [], {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("--"):
+            files.append(arg)
+            continue
+        if "=" in arg:
+            flag, value = arg.split("=", 1)
+            key = known_key(flag, defaults)
+            flags[key] = value.split() if isinstance(defaults[key], list) else value
+            continue
+        key = known_key(arg, defaults)
+        following = []
+        while i < len(argv) and not argv[i].startswith("--"):
+            following.append(argv[i])
+            i += 1
+            if not isinstance(defaults[key], list):
+                break
+        if isinstance(defaults[key], bool) and (not following or following[0].lower() not in ("true", "false")):
+            flags[key] = True  # a bare switch; what followed it, if anything, is a config file
+            i -= len(following)
+        elif not following:
+            fail(f"--{key}: missing value (expected {KINDS.get(type(defaults[key]), 'a value')})")
+        elif isinstance(defaults[key], bool):
+            flags[key] = following[0].lower() == "true"
+        else:
+            flags[key] = following if isinstance(defaults[key], list) else following[0]
+    chosen = {}
+    for f in files:
+        try:
+            loaded = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            fail(f"config file {f}: {e}")
+        if not isinstance(loaded, dict):
+            fail(f"config file {f}: expected a JSON object of settings")
+        for k, v in loaded.items():
+            chosen[known_key(k, defaults)] = v
+    chosen.update(flags)
+    return {k: parse_value(k, v, defaults[k]) for k, v in chosen.items()}
