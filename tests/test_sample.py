@@ -42,6 +42,17 @@ def test_one_line_per_input(tiny_backbones, tmp_path, modality):
     assert p.returncode == 0 and len(p.stdout.strip().splitlines()) == 1, p.stderr[-2000:]
 
 
+def test_bfloat16_weights(tiny_backbones, tmp_path):
+    """--dtype bfloat16 (the default on CUDA) loads the frozen backbones in bf16 and generates under autocast."""
+    ckpt = make_checkpoint(tiny_backbones, "image", tmp_path / "ckpt.safetensors")
+    p = run_sample("--image", *FILES["image"], "--checkpoint", ckpt, "--dtype", "bfloat16", "--num_beams", 2,
+                   "--max_new_tokens", 3)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [line.split(": ")[0] for line in p.stdout.strip().splitlines()] == [str(f) for f in FILES["image"]]
+    p = run_sample("--image", FILES["image"][0], "--checkpoint", ckpt, "--dtype", "float8")
+    assert p.returncode == 1 and "--dtype float8: expected float32, bfloat16 or float16" in p.stderr
+
+
 def test_bad_input_is_a_one_line_error(tiny_backbones, tmp_path):
     ckpt = make_checkpoint(tiny_backbones, "image", tmp_path / "ckpt.safetensors")
     broken = tmp_path / "broken.jpg"
@@ -50,7 +61,9 @@ def test_bad_input_is_a_one_line_error(tiny_backbones, tmp_path):
              (["--image", broken, "--checkpoint", ckpt], "broken.jpg"),
              (["--audio", FILES["audio"][0], "--checkpoint", ckpt], "trained on image"),
              (["--image", FILES["image"][0], "--checkpoint", tmp_path / "nothing"], "no checkpoint"),
-             (["--image", FILES["image"][0], "--checkpoint", broken], "broken.jpg")]
+             (["--image", FILES["image"][0], "--checkpoint", broken], "broken.jpg"),
+             (["--image", FILES["image"][0], "--audio", FILES["audio"][0]], "exactly one modality"),
+             (["--image", FILES["image"][0], "--num_beams"], "--num_beams: missing value")]
     for args, words in cases:
         p = run_sample(*args)
         assert p.returncode == 1, p.stderr
