@@ -191,7 +191,7 @@ class AST(nn.Module):
                                        self.config.max_length) for w in waveforms])
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "AST":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "AST":
         folder = hub.resolve(name_or_path)
         config = ASTConfig.from_dict(hub.read_json(folder))
         rules = [(r"^embeddings\.distillation_token$", "dist_token")] + HF_RULES
@@ -199,5 +199,7 @@ class AST(nn.Module):
                             prefixes=("audio_spectrogram_transformer.",), drop=("classifier.",))
         with torch.device("meta"):
             model = cls(config)
+        if shard is not None:  # e.g. FSDP units, before any weight is read (train.py)
+            shard(model)
         hub.load_weights(model, state, dtype or torch.float32, source=str(folder))
         return model.eval()

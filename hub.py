@@ -317,6 +317,8 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: 
                     for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
                     if keys]
         raise ValueError(f"{source or 'checkpoint'}: does not fit {type(model).__name__}: {'; '.join(problems)}")
+    if any(hasattr(p, "device_mesh") for p in model.parameters()):
+        return _load_sharded(model, {k: state[c] for k, c in take.items()})
     loaded, done = {}, set()
     for k, c in take.items():
         if c not in done:
@@ -330,4 +332,23 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: 
         for n in names[1:]:
             owner, _, attr = n.rpartition(".")
             setattr(model.get_submodule(owner), attr, shared)
+    return model
+
+
+def _load_sharded(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Copy state into a model whose blocks FSDP2 sharded on the meta device: a sharded parameter takes only this
+    process's rows of the (memory-mapped) checkpoint tensor, cut as FSDP2 cuts them (torch.chunk along dim 0),
+    so only those rows are ever read, cast and moved to the device."""
+    mesh = next(p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh"))
+    model.to_empty(device=torch.device(mesh.device_type, torch.accelerator.current_device_index())
+                   if mesh.device_type != "cpu" else "cpu")
+    targets = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, tensor in state.items():
+            target = targets[name]
+            if hasattr(target, "device_mesh"):
+                rows = tensor.chunk(mesh.size(), dim=0)
+                tensor, target = (rows[mesh.get_local_rank()] if mesh.get_local_rank() < len(rows) else tensor[:0],
+                                  target.to_local())
+            target.copy_(tensor)
     return model

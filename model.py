@@ -267,12 +267,14 @@ def until_eos(tokens: list[int], eos: int) -> list[int]:
 ENCODERS = {"image": ViT, "audio": AST, "video": TimeSformer}
 
 
-def load_backbones(modality: str, lm_name: str, encoder_name: str, dtype: torch.dtype | None = None):
-    """The frozen LM, its tokenizer and the modality's frozen encoder, straight into `dtype`."""
+def load_backbones(modality: str, lm_name: str, encoder_name: str, dtype: torch.dtype | None = None, shard=None):
+    """The frozen LM, its tokenizer and the modality's frozen encoder, straight into `dtype`. shard: applied to
+    each backbone on the meta device before its weights are read (FSDP, see train.py)."""
     if modality not in ENCODERS:
         raise ValueError(f"modality {modality!r}: expected one of {', '.join(ENCODERS)}")
-    lm = OPT.from_pretrained(lm_name, dtype=dtype)
-    return lm, load_tokenizer(lm_name), ENCODERS[modality].from_pretrained(encoder_name, dtype=dtype)
+    lm = OPT.from_pretrained(lm_name, dtype=dtype, shard=shard)
+    encoder = ENCODERS[modality].from_pretrained(encoder_name, dtype=dtype, shard=shard)
+    return lm, load_tokenizer(lm_name), encoder
 
 
 def save_adapter(model: EPALM, path, run_config: dict) -> None:
@@ -298,11 +300,11 @@ def load_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, config
 
 
-def from_checkpoint(path, dtype: torch.dtype | None = None):
+def from_checkpoint(path, dtype: torch.dtype | None = None, shard=None):
     """(EPALM, tokenizer, run configuration) rebuilt from an adaptation checkpoint: its configuration names
     the backbones, which are loaded as in training."""
     state, config = load_adapter(path)
-    lm, tokenizer, encoder = load_backbones(config["modality"], config["lm"], config["encoder"], dtype)
+    lm, tokenizer, encoder = load_backbones(config["modality"], config["lm"], config["encoder"], dtype, shard)
     model = EPALM(lm, encoder, EPALMConfig(**config["epalm"]))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     bad = sorted(set(trainable) ^ set(state)) + [n for n in state if n in trainable and

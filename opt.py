@@ -205,14 +205,17 @@ class OPT(nn.Module):
         return self.logits(x)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "OPT":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "OPT":
         folder = hub.resolve(name_or_path)
         config = OPTConfig.from_dict(hub.read_json(folder))
         with torch.device("meta"):
             model = cls(config)
+        if shard is not None:  # e.g. FSDP units, before any weight is read (train.py)
+            shard(model)
         dtype = dtype or torch.float32
         state = {}
-        for key, tensor in hub.load_state_dict(folder, dtype).items():  # cast while reading: fp16 files, fp32 model
+        # cast while reading (fp16 files, fp32 model), unless sharded: then each process casts only its own rows
+        for key, tensor in hub.load_state_dict(folder, None if shard else dtype).items():
             if key == "lm_head.weight":  # tied to embed_tokens
                 continue
             key = key.removeprefix("model.").removeprefix("decoder.").replace("self_attn.", "")

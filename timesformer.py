@@ -136,13 +136,15 @@ class TimeSformer(nn.Module):
         return torch.stack([torch.stack([transform_image(f, self.transform) for f in c]) for c in clips])
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "TimeSformer":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "TimeSformer":
         folder = hub.resolve(name_or_path, extra_files=("preprocessor_config.json",))
         config = TimeSformerConfig.from_dict(hub.read_json(folder))
         state = rename_keys(hub.load_state_dict(folder), HF_TIMESFORMER_RULES, prefixes=("timesformer.",),
                             drop=("classifier.",))
         with torch.device("meta"):
             model = cls(config)
+        if shard is not None:  # e.g. FSDP units, before any weight is read (train.py)
+            shard(model)
         hub.load_weights(model, state, dtype or torch.float32, source=str(folder))
         processor = hub.read_json(folder, "preprocessor_config.json", required=False)
         if processor is not None:

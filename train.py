@@ -77,6 +77,7 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # bf16 matmuls are ~500x slower on CPUs
 compile = torch.cuda.is_available()                               # without bf16 instructions
+fsdp = False                # shard the frozen LM and encoder over the processes (FSDP2) instead of replicating them
 
 
 # ---- the command line: --key value / --key=value flags and JSON files over the defaults above ----
@@ -99,24 +100,38 @@ for k, allowed in [("modality", data.MODALITIES), ("task", ("caption", "vqa")), 
     if chosen.get(k, settings[k]) not in allowed:
         configurator.fail(f"--{k} {chosen[k]}: expected one of {', '.join(allowed)}")
 if chosen.get("dataset", dataset) == "toy":  # the miniature world's preset, under what the user chose
-    chosen = {**toy.train_preset(chosen.get("modality", modality), chosen.get("task", task)), **chosen}
+    preset = toy.train_preset(chosen.get("modality", modality), chosen.get("task", task))
+    if chosen.get("fsdp"):  # a second adapter around the same sharded backbones is not something FSDP allows
+        preset["blind_control"] = False
+    chosen = {**preset, **chosen}
 elif "task" not in chosen:
     chosen["task"] = data.DATASETS[chosen["dataset"]]
+if chosen.get("fsdp") and chosen.get("blind_control"):
+    configurator.fail("--blind_control needs a second adapter around the same backbones, which FSDP cannot shard "
+                      "twice: run the control without --fsdp")
 settings.update(chosen)
 globals().update(settings)
 out_dir = Path(out_dir or f"out/{modality}-{task}")
 
 # ---- setup: devices, precision, distributed ----
-ddp = "RANK" in os.environ
-rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-if ddp:
-    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+# Under torchrun every process trains on its own batches. DDP (the default) replicates the frozen backbones and
+# all-reduces the adapter's gradients; FSDP shards the frozen backbones so that an LM larger than one GPU fits.
+# Evaluation and feature caching split their batches over the processes in both cases.
+distributed = "RANK" in os.environ
+rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+backend = "nccl" if device.startswith("cuda") else "gloo"
+if distributed:
+    torch.distributed.init_process_group(backend)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
+elif fsdp:  # one process (e.g. to see the mechanics on one GPU): a process group of one
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+ddp = distributed and not fsdp
 master = rank == 0
 ptdtype = getattr(torch, dtype)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
+weights_dtype = ptdtype if device_type == "cuda" else torch.float32  # the frozen backbones' storage
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -177,10 +192,53 @@ def batches(examples, features, tokenizer, transform, first_step: int, blind: bo
 # ---- model, optimiser, schedule, checkpoints ----
 def build_model():
     cfg = run_config()
-    lm_, tokenizer, encoder_ = load_backbones(modality, cfg["lm"], cfg["encoder"],
-                                              dtype=ptdtype if device_type == "cuda" else torch.float32)
+    lm_, tokenizer, encoder_ = load_backbones(modality, cfg["lm"], cfg["encoder"], dtype=weights_dtype,
+                                              shard=shard_blocks if fsdp else None)
     torch.manual_seed(seed)
-    return EPALM(lm_, encoder_, epalm_config()).to(device), tokenizer
+    model = EPALM(lm_, encoder_, epalm_config()).to(device)
+    return (shard_root(model) if fsdp else model), tokenizer
+
+
+# ---- FSDP2: the frozen backbones sharded over the processes ----
+def shard_blocks(backbone):
+    """One FSDP unit per LM layer / encoder block, applied on the meta device before any weight is read: each
+    process then reads only its own rows of every layer from the checkpoint files (hub.load_weights), so no
+    process ever holds a whole layer stack. Bf16 weights on a GPU need no MixedPrecisionPolicy: they are stored
+    in bf16 and frozen, so there is no fp32 master copy and no gradient to reduce."""
+    from torch.distributed.fsdp import fully_shard
+    for block in backbone.layers if hasattr(backbone, "layers") else backbone.blocks:
+        fully_shard(block)
+
+
+def shard_root(model):
+    """The root unit: the frozen weights outside the blocks (token and position embeddings, final norms, the
+    encoder's stem), loaded whole and sharded here. The adapter (connector + prompt, a few MB) is left out of
+    FSDP on purpose: replicated on every process, its gradients averaged by one all_reduce per step (what DDP
+    does), so checkpoints, the optimizer state and exact resume stay plain tensors. Generation and encoding are
+    entry points besides forward: registered, so that the root's weights are gathered for them too."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    fully_shard(model, ignored_params=set(model.trainable_parameters()))
+    for method in ("generate", "encode"):
+        register_fsdp_forward_method(model, method)
+    return model
+
+
+def frozen_bytes(model) -> tuple[int, int]:
+    """Bytes of the frozen weights this process holds, and of the whole model's frozen weights."""
+    mine = whole = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            mine, whole = mine + local.numel() * local.element_size(), whole + p.numel() * p.element_size()
+    return mine, whole
+
+
+def average_adapter_gradients(model):
+    """What DDP does for the adapter under FSDP: every process ends the step with the mean gradient."""
+    for p in model.trainable_parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
 
 
 def make_optimizer(model):
@@ -240,42 +298,90 @@ def model_inputs(batch, features: bool):
     return (None, x) if features else (x, None)
 
 
+def my_batches(num_batches: int) -> list[int]:
+    """This process's share of an evaluation's batches: every world-th one from its rank on. The batches are
+    those of a one-process run, so each process's results are bit-identical to that run's. Under FSDP every
+    process must take part in every forward, so those with one batch fewer end with a repeat (None)."""
+    mine = list(range(rank, num_batches, world))
+    if fsdp:
+        mine += [None] * (-(-num_batches // world) - len(mine))
+    return mine
+
+
+def eval_batch(collate, examples, features, transform, start: int | None, quiet=False):
+    """The evaluation batch of examples[start:start + batch_size] (undecodable media skipped with a warning).
+    Under FSDP a repeat (start None) or a batch whose media all failed still runs: on the first example."""
+    items = []
+    for i in range(start or 0, min((start or 0) + batch_size, len(examples))):
+        try:
+            items.append((i, features[i] if features is not None else transform(examples[i].media)))
+        except data.MediaError as e:
+            if not quiet and start is not None:
+                print(f"warning: skipped {e}", file=sys.stderr)
+    batch = collate(items)
+    if fsdp and not batch["index"]:
+        return eval_batch(collate, examples, features, transform, None, quiet=True) if start is not None else batch
+    return batch
+
+
+def all_ranks_done(done: bool) -> bool:
+    """Under FSDP a process whose rows have all finished keeps decoding (its outputs ignored) until every
+    process has finished, so that all of them run the same forwards."""
+    flag = torch.tensor([float(not done)], device=device)
+    torch.distributed.all_reduce(flag)
+    return flag.item() == 0
+
+
+def gather_to_master(part: dict) -> dict:
+    """Merge every process's dict on rank 0 (the other ranks get {})."""
+    if world == 1:
+        return part
+    parts = [None] * world if master else None
+    torch.distributed.gather_object(part, parts, dst=0)
+    return {k: v for p in parts for k, v in p.items()} if master else {}
+
+
 @torch.no_grad()
 def eval_loss(model, examples, features, tokenizer, transform, blind, max_batches=10) -> float:
-    collate, losses = data.Collate(examples, tokenizer, blind=blind), []
-    for start in range(0, min(len(examples), max_batches * batch_size), batch_size):
-        idx = range(start, min(start + batch_size, len(examples)))
-        batch = collate([(i, features[i] if features is not None else transform(examples[i].media)) for i in idx])
+    """Mean loss over the held-out items of the first max_batches batches (a subset: this runs during training),
+    each process taking its share of the batches."""
+    collate = data.Collate(examples, tokenizer, blind=blind)
+    total = torch.zeros(2, device=device)  # sum of per-item losses, number of items
+    for k in my_batches(min(max_batches, -(-len(examples) // batch_size))):
+        batch = eval_batch(collate, examples, features, transform, None if k is None else k * batch_size)
+        if not batch["index"]:
+            continue
         media, feats = model_inputs(batch, features is not None)
         with autocast:
             _, loss = model(media, batch["ids"].to(device), batch["mask"].to(device), batch["targets"].to(device),
                             features=feats)
-        losses.append(loss.detach())
-    return torch.stack(losses).mean().item() if losses else float("nan")
+        if k is not None:
+            n = len(batch["index"])
+            total += torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=device)])
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
 @torch.no_grad()
 def predict(model, examples, features, tokenizer, transform, blind, desc="generating") -> dict[str, str]:
-    """Generated text per example id (undecodable media are left out)."""
+    """Generated text per example id, on rank 0 (undecodable media are left out). Each process generates for
+    its share of the batches; rank 0 gathers them."""
     collate, preds = data.Collate(examples, tokenizer, blind=blind, with_target=False), {}
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False,
-                      disable=not master):
-        items = []
-        for i in range(start, min(start + batch_size, len(examples))):
-            try:
-                items.append((i, features[i] if features is not None else transform(examples[i].media)))
-            except data.MediaError as e:
-                say(f"warning: skipped {e}", file=sys.stderr)
-        batch = collate(items)
+    for k in tqdm(my_batches(-(-len(examples) // batch_size)), desc=desc, unit="batch", leave=False,
+                  disable=not master):
+        batch = eval_batch(collate, examples, features, transform, None if k is None else k * batch_size)
         if not batch["index"]:
             continue
         media, feats = model_inputs(batch, features is not None)
         with autocast:
             out = model.generate(media, batch["ids"].to(device), batch["mask"].to(device), features=feats,
-                                 max_new_tokens=max_new_tokens, num_beams=num_beams)
-        for i, tokens in zip(batch["index"], out):
-            preds[examples[i].id] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return preds
+                                 max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                 all_done=all_ranks_done if fsdp else None)
+        if k is not None:
+            for i, tokens in zip(batch["index"], out):
+                preds[examples[i].id] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return gather_to_master(preds)
 
 
 def score(examples, preds: dict[str, str]) -> dict[str, float]:
@@ -284,7 +390,7 @@ def score(examples, preds: dict[str, str]) -> dict[str, float]:
     examples = [e for e in examples if e.id in preds]
     if not examples:
         return {}
-    out = {}
+    out = {"items": len(examples)}
     if task == "caption":
         out.update(metrics.caption_scores({e.id: e.references for e in examples}, {e.id: preds[e.id] for e in examples}))
         out["exact match"] = sum(metrics.normalize_answer(preds[e.id]) == metrics.normalize_answer(e.target)
@@ -347,6 +453,8 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
                               batch["targets"].to(device), features=feats)
             (loss / grad_accum).backward()
             interval_loss += loss.detach() / grad_accum
+        if fsdp and world > 1:
+            average_adapter_gradients(model)
             tokens, samples = tokens + int(batch["mask"].sum()), samples + len(batch["index"])
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), grad_clip)
@@ -357,7 +465,7 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
         evaluate_now = it % eval_interval == 0 or it == max_iters
         if not (it % log_interval == 0 or evaluate_now):
             continue
-        if ddp:
+        if world > 1:
             torch.distributed.all_reduce(interval_loss)
         train_loss = interval_loss.item() / (it - interval_start) / world  # the one host sync of the interval
         if not math.isfinite(train_loss):
@@ -398,12 +506,13 @@ def drop_undecodable(examples, features, what):
 
 
 def evaluate(model, tokenizer, examples, features, transform, run_dir: Path, blind: bool) -> dict:
-    """Generate for the held-out examples, score, and write predictions.jsonl and scores.json."""
+    """Generate for the held-out examples (all of them, or eval_samples), score, and write predictions.jsonl
+    and scores.json on rank 0. The scores say on how many items they were computed ("items")."""
     model.eval()
     n = eval_samples or len(examples)
     examples, features = examples[:n], None if features is None else features[:n]
     preds = predict(model, examples, features, tokenizer, transform, blind)
-    scores = score(examples, preds)
+    scores = score(examples, preds) if master else {}
     if master:
         with (run_dir / "predictions.jsonl").open("w") as f:
             for e in examples:
@@ -471,13 +580,20 @@ def plot_curves(log_path: Path, png_path: Path, size=(720, 440)) -> None:
 
 
 def results_table(scores: dict, blind: dict | None) -> str:
-    """The held-out scores, next to the blind control's and, for the toy attributes, chance."""
+    """The held-out scores, next to the blind control's and, for the toy attributes, chance; the header says on
+    how many items each column was computed."""
     chance = toy.chance(modality) if dataset == "toy" else {}
-    lines = [f"{'held-out':<24}{'eP-ALM':>10}" + (f"{'blind':>10}" if blind else "") + (f"{'chance':>10}" if chance else "")]
+    split = "heldout" if dataset == "toy" else eval_split
+    lines = [f"{'held-out, ' + split + ' split':<28}" + f"{'eP-ALM':>10}" + (f"{'blind':>10}" if blind else "") +
+             (f"{'chance':>10}" if chance else ""),
+             f"{'items scored':<28}" + f"{scores.get('items', 0):>10,}" +
+             (f"{blind.get('items', 0):>10,}" if blind else "")]
     for k, v in scores.items():
+        if k == "items":
+            continue
         pct = k not in ("CIDEr",) and not k.startswith("BLEU")
         fmt = (lambda x: f"{100 * x:9.1f}%") if pct else (lambda x: f"{x:10.3f}")
-        row = f"{k:<24}{fmt(v)}" + (fmt(blind.get(k, float('nan'))) if blind else "")
+        row = f"{k:<28}{fmt(v)}" + (fmt(blind.get(k, float('nan'))) if blind else "")
         key = k.removesuffix(" accuracy")
         lines.append(row + (fmt(chance[key]) if key in chance else ""))
     return "\n".join(lines)
@@ -485,9 +601,10 @@ def results_table(scores: dict, blind: dict | None) -> str:
 
 def main():
     if eval_only:  # modality, task and dataset were read from the checkpoint with the settings
-        model, tokenizer, _ = from_checkpoint(out_dir / "ckpt.safetensors",
-                                              dtype=ptdtype if device_type == "cuda" else torch.float32)
+        model, tokenizer, _ = from_checkpoint(out_dir / "ckpt.safetensors", dtype=weights_dtype,
+                                              shard=shard_blocks if fsdp else None)
         model.to(device)
+        model = shard_root(model) if fsdp else model
         _, eval_ex = load_examples(train_split=False)
         eval_tf = data.MediaTransform.for_encoder(modality, model.encoder)
         scores = evaluate(model, tokenizer, eval_ex, None, eval_tf, out_dir, blind=False)
@@ -497,6 +614,10 @@ def main():
     model, tokenizer = build_model()
     say(f"eP-ALM on {modality} {task}: {model.parameter_report()}; injected into LM layers "
         f"[{model.start}, {model.end}) of {len(model.lm.layers)}")
+    if fsdp:
+        mine, whole = frozen_bytes(model)
+        say(f"FSDP over {world} process(es): frozen weights {mine / 2**20:,.1f} MiB on this process, "
+            f"{whole / 2**20:,.1f} MiB in all")
     train_ex, eval_ex = load_examples()
     say(f"{len(train_ex):,} training and {len(eval_ex):,} held-out examples")
     scores = train(model, tokenizer, train_ex, eval_ex, out_dir, blind=False)
@@ -511,7 +632,7 @@ def main():
         (out_dir / "results.json").write_text(json.dumps({"scores": scores, "blind": blind,
                                                           "config": settings}, indent=1, default=str))
         print(f"checkpoint, log, curves and predictions in {out_dir}/; try: python sample.py --{modality} FILE")
-    if ddp:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

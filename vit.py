@@ -294,7 +294,7 @@ class ViT(nn.Module):
         return torch.stack([transform_image(im, self.transform) for im in images])
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "ViT":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "ViT":
         folder = hub.resolve(name_or_path, extra_files=("preprocessor_config.json",))
         raw = hub.read_json(folder)
         state = hub.load_state_dict(folder)
@@ -306,6 +306,8 @@ class ViT(nn.Module):
             state = rename_keys(fuse_qkv(state), HF_RULES, prefixes=("vit.",), drop=("pooler.", "classifier."))
         with torch.device("meta"):
             model = cls(config)
+        if shard is not None:  # e.g. FSDP units, before any weight is read (train.py)
+            shard(model)
         hub.load_weights(model, state, dtype or torch.float32, source=str(folder))
         processor = hub.read_json(folder, "preprocessor_config.json", required=False)
         if processor is not None:
