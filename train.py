@@ -64,7 +64,7 @@ cache_features = False      # encode each media file once and train on the store
 num_workers = 4
 # evaluation and logging
 eval_interval = 1000
-eval_samples = 500          # held-out items scored (generation) at the end and by --eval_only; 0 = all
+eval_samples = 0            # held-out items generated and scored at the end and by --eval_only; 0 = the whole split
 eval_split = "val"
 num_beams = 3
 max_new_tokens = 30
