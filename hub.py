@@ -1,16 +1,18 @@
-"""Checkpoint lookup and strict loading for every backbone.
+"""Checkpoint lookup and strict loading for every backbone, and the adaptation checkpoint's file.
 
 resolve() turns a local folder or a hub id into a folder with config.json and one weights layout, through
 huggingface_hub.hf_hub_download: one cache shared with transformers, and HF_HOME, HF_HUB_CACHE, HF_TOKEN,
 HF_ENDPOINT and HF_HUB_OFFLINE as they work there. load_state_dict() reads safetensors or pytorch_model.bin with
 torch.load(weights_only=True, mmap=True), never a full unpickle; load_weights() assigns the tensors strictly into
-a model built on the meta device, so a large LM is never held twice in memory.
+a model built on the meta device, so a large LM is never held twice in memory. save_adapter() and load_adapter()
+write and read what eP-ALM trains, with the run's configuration as safetensors metadata.
 
 References: huggingface_hub's hf_hub_download, try_to_load_from_cache and cache layout (models--{org}--{name}/
 refs/main, snapshots/{commit}/, .no_exist/{commit}/); the safetensors format (huggingface.co/docs/safetensors);
 torch.load's weights_only unpickler.
 """
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -18,7 +20,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import _CACHED_NO_EXIST, constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 # in order of preference; an index names its shards in "weight_map"
 WEIGHT_LAYOUTS = ("model.safetensors.index.json", "model.safetensors",
@@ -170,3 +173,25 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: 
             setattr(model.get_submodule(owner), attr, shared)
     return model
 
+
+def save_adapter(model: torch.nn.Module, path, run_config: dict) -> None:
+    """Only what trains (a few MB) as safetensors, with the run's configuration as metadata. Written to a
+    temporary file and renamed, so an interrupted save never damages the previous checkpoint."""
+    path = Path(path)
+    tensors = {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"config": json.dumps(run_config)})
+    os.replace(tmp, path)
+
+
+def load_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(adaptation parameters, run configuration) from a save_adapter file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            config = json.loads((f.metadata() or {}).get("config", "null"))
+        state = load_file(str(path))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable eP-ALM checkpoint ({e})") from None
+    if not isinstance(config, dict) or "epalm" not in config:
+        raise ValueError(f"{path}: no eP-ALM run configuration in its metadata")
+    return state, config

@@ -1,4 +1,4 @@
-"""hub.py: downloads through huggingface_hub from a loopback fake hub, and strict loading.
+"""hub.py: downloads through huggingface_hub from a loopback fake hub, strict loading, the adaptation checkpoint.
 
 The fake hub answers HEAD and GET on /{org}/{name}/resolve/main/{file} as huggingface.co does: X-Repo-Commit on
 every answer, small files with a git-sha1 ETag, weight files as a 302 to a "CDN" on another port (so another
@@ -447,3 +447,43 @@ def test_state_dict_is_memory_mapped(tmp_path, name):
     state["w"].sum()  # touching it reads it
     assert resident_mb() - before > 48
 
+# ----------------------------------------------------------------------------- the adaptation checkpoint
+
+
+def trained_tiny():
+    model = Tiny()
+    model.embed.weight.requires_grad_(False)  # frozen, as the LM: not saved
+    with torch.no_grad():
+        model.proj.weight.fill_(0.5)
+    return model
+
+
+def test_adapter_round_trip(tmp_path):
+    model = trained_tiny()
+    run = {"epalm": {"num_levels": 2}, "lm": "facebook/opt-125m", "iter": 7}
+    hub.save_adapter(model, tmp_path / "ckpt.safetensors", run)
+    state, config = hub.load_adapter(tmp_path / "ckpt.safetensors")
+    assert config == run and state.keys() == {"proj.weight", "proj.bias"}
+    assert torch.equal(state["proj.weight"], model.proj.weight) and state["proj.weight"].dtype == torch.float32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+
+
+def test_adapter_save_ignores_a_leftover_tmp(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    (tmp_path / "ckpt.safetensors.tmp").write_bytes(b"half a file from a killed save")
+    hub.save_adapter(trained_tiny(), path, {"epalm": {}, "iter": 1})
+    assert hub.load_adapter(path)[1]["iter"] == 1 and not (tmp_path / "ckpt.safetensors.tmp").exists()
+    (tmp_path / "ckpt.safetensors.tmp").write_bytes(b"another killed save")  # beside a good checkpoint
+    assert hub.load_adapter(path)[1]["iter"] == 1
+
+
+def test_adapter_errors_are_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match=r"notes.txt: not a readable eP-ALM checkpoint \(") as err:
+        hub.load_adapter(tmp_path / "notes.txt")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="missing.safetensors: not a readable eP-ALM checkpoint"):
+        hub.load_adapter(tmp_path / "missing.safetensors")
+    save_file(tiny_state(), tmp_path / "model.safetensors")  # a checkpoint, but not one of ours
+    with pytest.raises(ValueError, match="model.safetensors: no eP-ALM run configuration in its metadata"):
+        hub.load_adapter(tmp_path / "model.safetensors")
