@@ -214,8 +214,7 @@ class OPT(nn.Module):
             shard(model)
         dtype = dtype or torch.float32
         state = {}
-        # cast while reading (fp16 files, fp32 model), unless sharded: then each process casts only its own rows
-        for key, tensor in hub.load_state_dict(folder, None if shard else dtype).items():
+        for key, tensor in hub.load_state_dict(folder).items():  # memory-mapped: load_weights casts and places
             if key == "lm_head.weight":  # tied to embed_tokens
                 continue
             key = key.removeprefix("model.").removeprefix("decoder.").replace("self_attn.", "")

@@ -1,0 +1,67 @@
+"""train.py under torchrun on CPU (gloo, two processes): evaluation and feature caching share the work and give
+what one process gives; --fsdp trains like DDP with about half the frozen weights on each process."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+COMMON = ["--toy_train_samples=32", "--toy_eval_samples=10", "--batch_size=4", "--blind_control=False",
+          "--max_new_tokens=4", "--log_interval=1"]
+
+
+def run(tiny_backbones, out_dir, *flags, procs=1, modality="image"):
+    launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                     f"--nproc_per_node={procs}"]
+    cmd = [*launcher, str(ROOT / "train.py"), f"--modality={modality}", f"--lm={tiny_backbones['lm']}",
+           f"--encoder={tiny_backbones[modality]}", f"--out_dir={out_dir}", *COMMON, *flags]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def lines(path):
+    return path.read_text().splitlines()
+
+
+def test_evaluation_is_shared_and_equals_one_process(tiny_backbones, tmp_path):
+    """10 items in batches of 4: rank 0 generates batches 0 and 2, rank 1 batch 1; rank 0 gathers and writes."""
+    run(tiny_backbones, tmp_path / "one", "--max_iters=2", "--eval_interval=2", "--cache_features=False")
+    first = lines(tmp_path / "one" / "predictions.jsonl")
+    assert len(first) == 10
+    scores = json.loads((tmp_path / "one" / "scores.json").read_text())
+    assert scores["items"] == 10
+    for procs, extra in [(1, []), (2, []), (2, ["--fsdp"])]:
+        (tmp_path / "one" / "predictions.jsonl").unlink()
+        p = run(tiny_backbones, tmp_path / "one", "--eval_only", *extra, procs=procs)
+        assert lines(tmp_path / "one" / "predictions.jsonl") == first, (procs, extra)
+        assert json.loads((tmp_path / "one" / "scores.json").read_text()) == scores
+        assert re.search(r"items scored\s+10\b", p.stdout), p.stdout
+
+
+def test_fsdp_trains_like_ddp_with_half_the_frozen_weights_per_process(tiny_backbones, tmp_path):
+    flags = ["--max_iters=3", "--eval_interval=3", "--cache_features=False", "--lr=1e-2", "--prompt_lr=1e-2",
+             "--warmup_iters=1"]
+    run(tiny_backbones, tmp_path / "ddp", *flags, procs=2)
+    p = run(tiny_backbones, tmp_path / "fsdp", *flags, "--fsdp", procs=2)
+    logs = {k: [json.loads(x) for x in lines(tmp_path / k / "log.jsonl")] for k in ("ddp", "fsdp")}
+    for key in ("loss", "val_loss"):
+        a = [r[key] for r in logs["ddp"] if key in r]
+        b = [r[key] for r in logs["fsdp"] if key in r]
+        assert len(a) == len(b) > 0 and all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (key, a, b)
+    ddp, fsdp = (load_file(tmp_path / k / "ckpt.safetensors") for k in ("ddp", "fsdp"))
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], atol=1e-5, rtol=0)
+    mine, whole = map(float, re.search(r"frozen weights ([\d.,]+) MiB on this process, ([\d.,]+) MiB in all",
+                                       p.stdout).groups())
+    assert 0.45 < mine / whole < 0.55, p.stdout  # each process holds half of every sharded weight
+    # the adaptation-only checkpoint loads on one device, without FSDP
+    from model import from_checkpoint
+    model, _, config = from_checkpoint(tmp_path / "fsdp" / "ckpt.safetensors")
+    assert config["iter"] == 3 and torch.equal(model.prompt.detach(), fsdp["prompt"])
