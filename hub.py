@@ -162,7 +162,11 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: 
     mesh = next((p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")), None)
     device = "cpu" if mesh is None or mesh.device_type == "cpu" else \
         torch.device(mesh.device_type, torch.accelerator.current_device_index())
-    (model.to(dtype) if dtype else model).to_empty(device=device)  # storage in its final dtype; ties kept
+    (model.to(dtype) if dtype else model).to_empty(device=device)  # storage in its final dtype
+    for names in tied.values():  # converting a meta model may give each name its own Parameter: tie them again
+        for n in names[1:]:
+            owner, _, attr = n.rpartition(".")
+            setattr(model.get_submodule(owner), attr, model.get_parameter(names[0]))
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for k, c in take.items():
