@@ -13,17 +13,13 @@ Sequence seen by the LM (left-padded text):   [media] [prompt x P] [pad ... pad]
   - prompt: no positional embedding; text positions start at 0 as if there were no prompt;
   - padding is never attended; every query attends to itself so padded rows stay finite.
 """
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, safe_open
 
+import hub
 from ast_audio import AST
 from opt import OPT, causal_mask, load_tokenizer
 from timesformer import TimeSformer
@@ -263,7 +259,7 @@ def until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:tokens.index(eos)] if eos in tokens else tokens
 
 
-# ---- backbones and adaptation checkpoints ----
+# ---- backbones, and a model rebuilt from an adaptation checkpoint (its file format: hub.py) ----
 ENCODERS = {"image": ViT, "audio": AST, "video": TimeSformer}
 
 
@@ -277,33 +273,10 @@ def load_backbones(modality: str, lm_name: str, encoder_name: str, dtype: torch.
     return lm, load_tokenizer(lm_name), encoder
 
 
-def save_adapter(model: EPALM, path, run_config: dict) -> None:
-    """Only what trains (a few MB) as safetensors, with the run's configuration as metadata. Written to a
-    temporary file and renamed, so an interrupted save never damages the previous checkpoint."""
-    path = Path(path)
-    tensors = {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"config": json.dumps(run_config)})
-    os.replace(tmp, path)
-
-
-def load_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(adaptation parameters, run configuration) from a save_adapter file."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            config = json.loads((f.metadata() or {}).get("config", "null"))
-        state = load_file(str(path))
-    except (OSError, SafetensorError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable eP-ALM checkpoint ({e})") from None
-    if not isinstance(config, dict) or "epalm" not in config:
-        raise ValueError(f"{path}: no eP-ALM run configuration in its metadata")
-    return state, config
-
-
 def from_checkpoint(path, dtype: torch.dtype | None = None, shard=None):
     """(EPALM, tokenizer, run configuration) rebuilt from an adaptation checkpoint: its configuration names
     the backbones, which are loaded as in training."""
-    state, config = load_adapter(path)
+    state, config = hub.load_adapter(path)
     lm, tokenizer, encoder = load_backbones(config["modality"], config["lm"], config["encoder"], dtype, shard)
     model = EPALM(lm, encoder, EPALMConfig(**config["epalm"]))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}

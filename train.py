@@ -28,7 +28,7 @@ import data
 import hub
 import metrics
 import toy
-from model import EPALM, EPALMConfig, from_checkpoint, load_adapter, load_backbones, save_adapter
+from model import EPALM, EPALMConfig, from_checkpoint, load_backbones
 
 # ---- configuration ----
 modality = "image"          # image | audio | video
@@ -90,7 +90,7 @@ if chosen.get("eval_only"):  # a checkpoint knows what it was trained on: score 
     if not ckpt.exists():
         configurator.fail(f"--eval_only: no checkpoint at {ckpt} (train first, or pass --out_dir)")
     try:
-        _, trained = load_adapter(ckpt)
+        _, trained = hub.load_adapter(ckpt)
     except ValueError as e:
         configurator.fail(f"--eval_only: {e}")
     chosen.update(out_dir=str(ckpt.parent), **{k: trained[k] for k in ("modality", "task", "dataset")})
@@ -270,7 +270,7 @@ def save_checkpoint(model, optimizer, it: int, run_dir: Path) -> None:
     tmp = run_dir / "state.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, run_dir / "state.pt")
-    save_adapter(model, run_dir / "ckpt.safetensors", {**run_config(), "iter": it})
+    hub.save_adapter(model, run_dir / "ckpt.safetensors", {**run_config(), "iter": it})
 
 
 def load_state(model, optimizer, run_dir: Path) -> int:

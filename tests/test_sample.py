@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TESTDATA
-from model import EPALM, EPALMConfig, load_backbones, save_adapter
+from hub import save_adapter
+from model import EPALM, EPALMConfig, load_backbones
 
 FILES = {"image": [TESTDATA / "images" / "hopper.jpg", TESTDATA / "images" / "pil123rgba.png"],
          "audio": [TESTDATA / "audio" / "speech_16k_mono.wav", TESTDATA / "audio" / "tone_48k_mono.wav"],

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TESTDATA
 import toy
-from model import load_adapter
+from hub import load_adapter
 
 
 def run_train(tiny_backbones, out_dir, *flags, modality="image", check=True):
@@ -127,7 +127,7 @@ def test_curves_use_a_log_loss_axis_with_markers(tmp_path, monkeypatch):
 SAVER = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from model import save_adapter
+from hub import save_adapter
 class M(torch.nn.Module):
     def __init__(self):
         super().__init__()
