@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import data
+from media import MediaError
 from model import from_checkpoint
 
 
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     transform = data.MediaTransform.for_encoder(modality, model.encoder)
     try:
         media = torch.stack([transform(f) for f in files])
-    except data.MediaError as e:
+    except MediaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     prompt = data.vqa_prompt(args.question) if args.question else ""

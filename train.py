@@ -24,9 +24,11 @@ import torch
 from tqdm import tqdm
 
 import data
+import datasets
 import hub
 import metrics
 import toy
+from media import MediaError
 from model import EPALM, EPALMConfig, from_checkpoint, load_backbones, save_adapter
 
 # ---- configuration ----
@@ -98,13 +100,13 @@ def configure(argv: list[str], settings: dict) -> dict:
             sys.exit(f"unknown setting --{k} (known: {', '.join(sorted(settings))})")
     merged = {**settings, **chosen}
     for k, allowed in [("modality", data.MODALITIES), ("task", ("caption", "vqa")), ("inject", ("late", "input")),
-                       ("init_from", ("scratch", "resume")), ("dataset", ("toy", *data.DATASETS))]:
+                       ("init_from", ("scratch", "resume")), ("dataset", ("toy", *datasets.DATASETS))]:
         if merged[k] not in allowed:
             sys.exit(f"--{k}={merged[k]}: expected one of {', '.join(allowed)}")
     if merged["dataset"] == "toy":
         chosen = {**toy.train_preset(merged["modality"], merged["task"]), **chosen}
     elif "task" not in chosen:
-        chosen["task"] = data.DATASETS[merged["dataset"]]
+        chosen["task"] = datasets.DATASETS[merged["dataset"]].task
     kinds = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
     for k, v in chosen.items():
         d = settings[k]
@@ -160,8 +162,8 @@ def load_examples(train_split: bool = True):
     if dataset == "toy":
         return (data.toy_examples(modality, task, "train", toy_train_samples, seed) if train_split else [],
                 data.toy_examples(modality, task, "heldout", toy_eval_samples, seed + 1))
-    return (data.read_dataset(dataset, data_dir, "train") if train_split else [],
-            data.read_dataset(dataset, data_dir, eval_split))
+    return (datasets.read_dataset(dataset, data_dir, "train") if train_split else [],
+            datasets.read_dataset(dataset, data_dir, eval_split))
 
 
 @functools.lru_cache(maxsize=2)
@@ -281,7 +283,7 @@ def predict(model, examples, features, tokenizer, transform, blind, desc="genera
         for i in range(start, min(start + batch_size, len(examples))):
             try:
                 items.append((i, features[i] if features is not None else transform(examples[i].media)))
-            except data.MediaError as e:
+            except MediaError as e:
                 say(f"warning: skipped {e}", file=sys.stderr)
         batch = collate(items)
         if not batch["index"]:

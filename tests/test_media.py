@@ -1,4 +1,4 @@
-"""Media decoding (data.py) and the AST front end (ast_audio.fbank / resample / preprocess).
+"""Media decoding (media.py) and the AST front end (ast_audio.fbank / resample / preprocess).
 
 References: transformers' ASTFeatureExtractor on its numpy path (no torchaudio), the stdlib wave module and
 PyAV decoding the same files directly, analytic signals (sines) and hand-computed frame indices.
@@ -18,7 +18,7 @@ from transformers.models.audio_spectrogram_transformer import feature_extraction
 
 from ast_audio import fbank, preprocess, resample
 from conftest import TESTDATA
-from data import MediaError, load_audio, load_image, load_video
+from media import MediaError, load_audio, load_image, load_video
 
 AUDIO, IMAGES, VIDEO = TESTDATA / "audio", TESTDATA / "images", TESTDATA / "video"
 

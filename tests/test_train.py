@@ -114,7 +114,7 @@ def test_feature_cache_reuses_unchanged_media_and_recomputes_changed(tmp_path):
     from PIL import Image
 
     import data
-    from vit import ImageTransform
+    from media import ImageTransform
 
     class Encoder:  # counts how often the frozen encoder really runs
         calls = 0
@@ -148,7 +148,7 @@ def test_feature_cache_reuses_unchanged_media_and_recomputes_changed(tmp_path):
 
 def test_undecodable_media_are_dropped_with_one_line_each(tmp_path, capfd):
     import data
-    from vit import ImageTransform
+    from media import ImageTransform
     good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
     from PIL import Image
     Image.new("RGB", (8, 8), "red").save(good)
