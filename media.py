@@ -50,6 +50,11 @@ def one_line(error: Exception) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def open_av(av, path: Path):
+    # container tags from older encoders and phone apps are often not UTF-8; only the streams are needed here
+    return av.open(str(path), metadata_errors="ignore")
+
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -145,7 +150,7 @@ def decode_audio_av(path: Path) -> tuple[np.ndarray, int]:
     """(samples, channels) float32 and the sample rate of any container/codec FFmpeg reads."""
     av = import_av(path)
     chunks = []
-    with av.open(str(path)) as container:
+    with open_av(av, path) as container:
         if not container.streams.audio:
             raise MediaError(f"{path}: no audio stream")
         stream = container.streams.audio[0]
@@ -217,7 +222,7 @@ def frames_from_animation(path: Path, num_frames: int, jitter=None) -> list[Imag
 
 def frames_from_av(path: Path, num_frames: int, jitter=None) -> list[Image.Image]:
     av = import_av(path)
-    with av.open(str(path)) as container:
+    with open_av(av, path) as container:
         if not container.streams.video:
             raise MediaError(f"{path}: no video stream")
         total = container.streams.video[0].frames
@@ -227,7 +232,7 @@ def frames_from_av(path: Path, num_frames: int, jitter=None) -> list[Image.Image
         raise MediaError(f"{path}: video with no frames")
     wanted = segment_centres(total, num_frames, jitter)
     frames, decoded, last = {}, 0, None
-    with av.open(str(path)) as container:
+    with open_av(av, path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):

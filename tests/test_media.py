@@ -410,3 +410,41 @@ def test_fuzz_truncated_random_and_wrong_files(tmp_path):
     expect_media_error(load_audio, IMAGES / "hopper.jpg")
     expect_media_error(load_video, AUDIO / "speech_16k_mono.wav")
     assert checked == 8 * len(sources)
+
+
+def test_video_with_non_utf8_metadata(tmp_path):
+    # older encoders and phone apps write tags in Latin-1 or other code pages: here the mp4's encoder tag (udta ilst
+    # ©too) patched in place, same length, to hold the byte 0xe9
+    data = (VIDEO / "short_32frames.mp4").read_bytes()
+    assert data.count(b"Lavf58.12.100") == 1
+    path = tmp_path / "latin1_tag.mp4"
+    path.write_bytes(data.replace(b"Lavf58.12.100", b"Lavf58.12.1\xe9\xe9"))
+    with pytest.raises(UnicodeDecodeError):  # the file really trips PyAV's default strict decoding
+        av.open(str(path)).close()
+    reference = all_frames_av(VIDEO / "short_32frames.mp4")
+    frames = load_video(path, num_frames=8)
+    assert [np.array_equal(np.asarray(f), reference[4 * i + 2]) for i, f in enumerate(frames)] == [True] * 8
+
+
+@pytest.mark.parametrize("suffix,codec", [(".flac", "flac"), (".m4a", "aac")])
+def test_audio_with_non_utf8_metadata(tmp_path, suffix, codec):
+    clean, patched = tmp_path / f"clean{suffix}", tmp_path / f"latin1_tag{suffix}"
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+    with av.open(str(clean), "w") as container:
+        container.metadata["title"] = "Cafe au lait"
+        stream = container.add_stream(codec, rate=16000, layout="mono")
+        sample_format = stream.codec_context.codec.audio_formats[0].name  # flac: s16 or s32, aac: fltp
+        samples = tone[None] if sample_format == "fltp" else np.rint(tone[None] * 32767).astype(np.int16)
+        if sample_format.startswith("s32"):
+            samples = samples.astype(np.int32) << 16
+        frame = av.AudioFrame.from_ndarray(samples, format=sample_format, layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    data = clean.read_bytes()
+    assert data.count(b"Cafe au lait") == 1
+    patched.write_bytes(data.replace(b"Cafe au lait", b"Caf\xe9 au lait"))  # Latin-1, same length
+    with pytest.raises(UnicodeDecodeError):
+        av.open(str(patched)).close()
+    out = load_audio(patched)
+    assert torch.equal(out, load_audio(clean)) and len(out) > 15000
