@@ -55,10 +55,16 @@ def open_av(av, path: Path):
     return av.open(str(path), metadata_errors="ignore")
 
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+# The containers epalm reads, by suffix (the data-set readers list clips by them too). PyAV is asked only about these:
+# a file of another kind (a text file, a typo) is told what is read, rather than FFmpeg's "Invalid data" or a PyAV
+# install hint. WAV goes by its header, images by what Pillow recognises.
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac")
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg", ".3gp")
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PIL_ANIMATION_SUFFIXES = (".gif", ".apng", ".webp", ".png")
+READ_AUDIO = f"{' '.join(AUDIO_SUFFIXES)}, or the sound of a video ({' '.join(VIDEO_SUFFIXES)})"
+READ_VIDEO = (f"{' '.join(VIDEO_SUFFIXES)}, animations ({' '.join(PIL_ANIMATION_SUFFIXES)}) or a folder of frame "
+              "images")
 
 
 # ---- images ----
@@ -79,6 +85,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def is_text(path: Path) -> bool:
+    """Whether the file starts like UTF-8 text: no control characters but tabs and line breaks."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:  # not merely a character cut at the end of the 1024 bytes
+            return False
+        text = head[:error.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\n\r" for c in text)
+
+
 def load_image(path) -> Image.Image:
     """An RGB image, upright according to its EXIF orientation. Pillow's decompression-bomb guard stays on."""
     path = check_file(path)
@@ -89,7 +108,8 @@ def load_image(path) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise MediaError(f"{path}: image too large ({one_line(error)})") from None
     except Image.UnidentifiedImageError:
-        raise MediaError(f"{path}: not an image or unsupported image format") from None
+        what = "a text file, not an image" if is_text(path) else "not an image or unsupported image format"
+        raise MediaError(f"{path}: {what} (Pillow reads JPEG, PNG, GIF, BMP, WebP, TIFF and more)") from None
     except Exception as error:
         raise MediaError(f"{path}: unreadable image, truncated or corrupt ({one_line(error)})") from None
 
@@ -175,6 +195,9 @@ def load_audio(path, sample_rate: int = 16000) -> torch.Tensor:
             header = f.read(12)
             is_wav = header[:4] == b"RIFF" and header[8:12] == b"WAVE"
             decoded = read_wav(path, header + f.read()) if is_wav else None
+        if not is_wav and path.suffix.lower() not in AUDIO_SUFFIXES + VIDEO_SUFFIXES:
+            named = f"{path.suffix!r} is not" if path.suffix else "its name has no suffix naming"
+            raise MediaError(f"{path}: not a WAV file, and {named} an audio format epalm reads: {READ_AUDIO}")
         audio, rate = decoded if decoded is not None else decode_audio_av(path)
     except MediaError:
         raise
@@ -249,7 +272,7 @@ def frames_from_av(path: Path, num_frames: int, jitter=None) -> list[Image.Image
 
 
 def load_video(path, num_frames: int = 8, jitter: np.random.Generator | None = None) -> list[Image.Image]:
-    """num_frames RGB frames sampled uniformly over the clip: mp4/avi/webm/mkv/mov (PyAV), animated GIF, or a
+    """num_frames RGB frames sampled uniformly over the clip: a VIDEO_SUFFIXES file (PyAV), an animated GIF, or a
     folder of frame images sorted by file name. jitter: random frame offsets within each segment (training)."""
     if num_frames < 1:
         raise ValueError(f"load_video: num_frames must be >= 1, got {num_frames}")
@@ -257,8 +280,12 @@ def load_video(path, num_frames: int = 8, jitter: np.random.Generator | None = N
     if path.is_dir():
         return frames_from_folder(path, num_frames, jitter)
     path = check_file(path)
-    if path.suffix.lower() in PIL_ANIMATION_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix in PIL_ANIMATION_SUFFIXES:
         return frames_from_animation(path, num_frames, jitter)
+    if suffix not in VIDEO_SUFFIXES + AUDIO_SUFFIXES:  # PyAV names an audio file's missing video stream itself
+        named = f"{path.suffix!r} is not" if path.suffix else "its name has no suffix naming"
+        raise MediaError(f"{path}: {named} a video format epalm reads: {READ_VIDEO}")
     try:
         return frames_from_av(path, num_frames, jitter)
     except MediaError:

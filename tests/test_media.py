@@ -448,3 +448,31 @@ def test_audio_with_non_utf8_metadata(tmp_path, suffix, codec):
         av.open(str(patched)).close()
     out = load_audio(patched)
     assert torch.equal(out, load_audio(clean)) and len(out) > 15000
+
+
+def text_file(path):
+    path.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+    return path
+
+
+@pytest.mark.parametrize("with_pyav", [True, False])
+def test_files_that_are_not_media_say_what_is_read(tmp_path, monkeypatch, with_pyav):
+    if not with_pyav:
+        monkeypatch.setitem(sys.modules, "av", None)  # the messages must not turn into a PyAV install hint
+    bare, txt = text_file(tmp_path / "passwd"), text_file(tmp_path / "notes.txt")
+    message = expect_media_error(load_audio, bare)
+    assert message == (f"{bare}: not a WAV file, and its name has no suffix naming an audio format epalm reads: "
+                       ".wav .flac .mp3 .ogg .opus .m4a .aac, or the sound of a video "
+                       "(.mp4 .m4v .mov .avi .webm .mkv .mpg .mpeg .3gp)")
+    assert f"{txt}: not a WAV file, and '.txt' is not an audio format" in expect_media_error(load_audio, txt)
+    message = expect_media_error(load_video, txt)
+    assert message == (f"{txt}: '.txt' is not a video format epalm reads: .mp4 .m4v .mov .avi .webm .mkv .mpg .mpeg "
+                       ".3gp, animations (.gif .apng .webp .png) or a folder of frame images")
+    assert f"{bare}: its name has no suffix naming a video format epalm reads: .mp4" in expect_media_error(load_video,
+                                                                                                          bare)
+    for path in (bare, txt):
+        assert expect_media_error(load_image, path).startswith(f"{path}: a text file, not an image (Pillow reads")
+    binary = tmp_path / "random.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert expect_media_error(load_image, binary).startswith(f"{binary}: not an image or unsupported image format")
+    assert "'.bin' is not an audio format" in expect_media_error(load_audio, binary)
