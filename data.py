@@ -132,9 +132,17 @@ class ExampleDataset(torch.utils.data.Dataset):
             return i, None
 
 
-def text_batch(tokenizer, prompts: list[str], targets: list[str] | None = None, eos: int = 2, pad: int = 1):
+def special_id(tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no {token} token, which eP-ALM's text layout needs (OPT's has it)")
+    return token_id
+
+
+def text_batch(tokenizer, prompts: list[str], targets: list[str] | None = None):
     """Left-padded ids and mask of `</s> prompt target </s>`, and targets: the ids where the target text is,
     -100 on BOS, prompt and padding (model.py scores position t's logits against targets[t + 1])."""
+    eos, pad = special_id(tokenizer, "</s>"), special_id(tokenizer, "<pad>")
     rows, sups = [], []
     for k, p in enumerate(prompts):
         prompt = tokenizer.encode(p).ids

@@ -162,6 +162,33 @@ def test_undecodable_media_are_dropped_with_one_line_each(tmp_path, capfd):
     assert batch["index"] == [0] and batch["dropped"] == 1 and batch["media"].shape == (1, 3, 8, 8)
 
 
+def test_text_batch_takes_eos_and_pad_from_the_tokenizer():
+    import pytest
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    import data
+
+    def word_tokenizer(vocab):
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        bos = [("</s>", vocab["</s>"])]
+        tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=bos)
+        return tok
+
+    # OPT's ids would be </s>=2, <pad>=1: here they are elsewhere, and 1, 2 are words
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "cat": 3, "</s>": 5, "<pad>": 7}
+    ids, mask, targets = data.text_batch(word_tokenizer(vocab), ["a", "a b"], [" cat", " cat"])
+    assert ids.tolist() == [[7, 5, 1, 3, 5], [5, 1, 2, 3, 5]]
+    assert mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert targets.tolist() == [[-100, -100, -100, 3, 5], [-100, -100, -100, 3, 5]]
+    opt = __import__("opt").load_tokenizer(str(TESTDATA / "tokenizer" / "opt"))
+    ids, _, targets = data.text_batch(opt, ["", "a dog"], [" cat", " cat"])
+    assert ids[0, 0] == 1 and targets[0, -1] == 2 == ids[1, 0]  # OPT: <pad> 1, </s> 2 (BOS and EOS)
+    del vocab["<pad>"]
+    with pytest.raises(ValueError, match="the tokenizer has no <pad> token"):
+        data.text_batch(word_tokenizer(vocab), ["a"], [" cat"])
+
+
 def test_torchrun_two_processes_on_cpu(tiny_backbones, tmp_path):
     """DDP with the gloo backend: both ranks train, rank 0 writes the checkpoint and the scores."""
     out = tmp_path / "ddp"
