@@ -123,7 +123,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 import hub
-from vit import HF_RULES, Block, config_from_dict, fuse_qkv, rename_keys, run_blocks
+from encoder_parts import HF_RULES, Block, config_from_dict, fuse_qkv, rename_keys, run_blocks
 
 
 @dataclass

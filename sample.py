@@ -16,6 +16,7 @@ import torch
 
 import configurator
 import data
+from media import MediaError
 from model import from_checkpoint
 
 image = []                  # files to caption or ask about, all generated for in one batch
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     transform = data.MediaTransform.for_encoder(modality, model.encoder)
     try:
         media = torch.stack([transform(f) for f in files])
-    except data.MediaError as e:
+    except MediaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     prompt = data.vqa_prompt(args["question"]) if args["question"] else ""

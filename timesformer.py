@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hub
-from vit import (HF_RULES, MLP, Attention, ImageTransform, config_from_dict, rename_keys, run_blocks,
-                 transform_from_hf, transform_image)
+from encoder_parts import HF_RULES, MLP, Attention, config_from_dict, rename_keys, run_blocks
+from media import ImageTransform, transform_from_hf, transform_image
 
 
 @dataclass

@@ -334,7 +334,7 @@ def train_lm(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int, b
 
 # ---- the toy encoders: pretrained on media only, to classify attributes ----
 
-# ours -> the official HF layout (the inverse of vit.HF_RULES and timesformer.HF_TIMESFORMER_RULES)
+# ours -> the official HF layout (the inverse of encoder_parts.HF_RULES and timesformer.HF_TIMESFORMER_RULES)
 TO_HF = [
     (r"^cls_token$", "embeddings.cls_token"), (r"^dist_token$", "embeddings.distillation_token"),
     (r"^pos_embed$", "embeddings.position_embeddings"), (r"^time_embed$", "embeddings.time_embeddings"),

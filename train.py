@@ -25,9 +25,11 @@ from tqdm import tqdm
 
 import configurator
 import data
+import benchmarks
 import hub
 import metrics
 import toy
+from media import MediaError
 from model import EPALM, EPALMConfig, from_checkpoint, load_backbones
 
 # ---- configuration ----
@@ -95,7 +97,7 @@ if chosen.get("eval_only"):  # a checkpoint knows what it was trained on: score 
         configurator.fail(f"--eval_only: {e}")
     chosen.update(out_dir=str(ckpt.parent), **{k: trained[k] for k in ("modality", "task", "dataset")})
 for k, allowed in [("modality", data.MODALITIES), ("task", ("caption", "vqa")), ("inject", ("late", "input")),
-                   ("init_from", ("scratch", "resume")), ("dataset", ("toy", *data.DATASETS)),
+                   ("init_from", ("scratch", "resume")), ("dataset", ("toy", *benchmarks.DATASETS)),
                    ("dtype", ("float32", "bfloat16", "float16"))]:
     if chosen.get(k, settings[k]) not in allowed:
         configurator.fail(f"--{k} {chosen[k]}: expected one of {', '.join(allowed)}")
@@ -105,7 +107,7 @@ if chosen.get("dataset", dataset) == "toy":  # the miniature world's preset, und
         preset["blind_control"] = False
     chosen = {**preset, **chosen}
 elif "task" not in chosen:
-    chosen["task"] = data.DATASETS[chosen["dataset"]]
+    chosen["task"] = benchmarks.DATASETS[chosen["dataset"]].task
 if chosen.get("fsdp") and chosen.get("blind_control"):
     configurator.fail("--blind_control needs a second adapter around the same backbones, which FSDP cannot shard "
                       "twice: run the control without --fsdp")
@@ -158,8 +160,8 @@ def load_examples(train_split: bool = True):
     if dataset == "toy":
         return (data.toy_examples(modality, task, "train", toy_train_samples, seed) if train_split else [],
                 data.toy_examples(modality, task, "heldout", toy_eval_samples, seed + 1))
-    return (data.read_dataset(dataset, data_dir, "train") if train_split else [],
-            data.read_dataset(dataset, data_dir, eval_split))
+    return (benchmarks.read_dataset(dataset, data_dir, "train") if train_split else [],
+            benchmarks.read_dataset(dataset, data_dir, eval_split))
 
 
 @functools.lru_cache(maxsize=2)
@@ -315,7 +317,7 @@ def eval_batch(collate, examples, features, transform, start: int | None, quiet=
     for i in range(start or 0, min((start or 0) + batch_size, len(examples))):
         try:
             items.append((i, features[i] if features is not None else transform(examples[i].media)))
-        except data.MediaError as e:
+        except MediaError as e:
             if not quiet and start is not None:
                 print(f"warning: skipped {e}", file=sys.stderr)
     batch = collate(items)

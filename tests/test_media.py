@@ -1,4 +1,4 @@
-"""Media decoding (data.py) and the AST front end (ast_audio.fbank / resample / preprocess).
+"""Media decoding (media.py) and the AST front end (ast_audio.fbank / resample / preprocess).
 
 References: transformers' ASTFeatureExtractor on its numpy path (no torchaudio), the stdlib wave module and
 PyAV decoding the same files directly, analytic signals (sines) and hand-computed frame indices.
@@ -18,7 +18,7 @@ from transformers.models.audio_spectrogram_transformer import feature_extraction
 
 from ast_audio import fbank, preprocess, resample
 from conftest import TESTDATA
-from data import MediaError, load_audio, load_image, load_video
+from media import MediaError, load_audio, load_image, load_video
 
 AUDIO, IMAGES, VIDEO = TESTDATA / "audio", TESTDATA / "images", TESTDATA / "video"
 
@@ -410,3 +410,69 @@ def test_fuzz_truncated_random_and_wrong_files(tmp_path):
     expect_media_error(load_audio, IMAGES / "hopper.jpg")
     expect_media_error(load_video, AUDIO / "speech_16k_mono.wav")
     assert checked == 8 * len(sources)
+
+
+def test_video_with_non_utf8_metadata(tmp_path):
+    # older encoders and phone apps write tags in Latin-1 or other code pages: here the mp4's encoder tag (udta ilst
+    # ©too) patched in place, same length, to hold the byte 0xe9
+    data = (VIDEO / "short_32frames.mp4").read_bytes()
+    assert data.count(b"Lavf58.12.100") == 1
+    path = tmp_path / "latin1_tag.mp4"
+    path.write_bytes(data.replace(b"Lavf58.12.100", b"Lavf58.12.1\xe9\xe9"))
+    with pytest.raises(UnicodeDecodeError):  # the file really trips PyAV's default strict decoding
+        av.open(str(path)).close()
+    reference = all_frames_av(VIDEO / "short_32frames.mp4")
+    frames = load_video(path, num_frames=8)
+    assert [np.array_equal(np.asarray(f), reference[4 * i + 2]) for i, f in enumerate(frames)] == [True] * 8
+
+
+@pytest.mark.parametrize("suffix,codec", [(".flac", "flac"), (".m4a", "aac")])
+def test_audio_with_non_utf8_metadata(tmp_path, suffix, codec):
+    clean, patched = tmp_path / f"clean{suffix}", tmp_path / f"latin1_tag{suffix}"
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+    with av.open(str(clean), "w") as container:
+        container.metadata["title"] = "Cafe au lait"
+        stream = container.add_stream(codec, rate=16000, layout="mono")
+        sample_format = stream.codec_context.codec.audio_formats[0].name  # flac: s16 or s32, aac: fltp
+        samples = tone[None] if sample_format == "fltp" else np.rint(tone[None] * 32767).astype(np.int16)
+        if sample_format.startswith("s32"):
+            samples = samples.astype(np.int32) << 16
+        frame = av.AudioFrame.from_ndarray(samples, format=sample_format, layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    data = clean.read_bytes()
+    assert data.count(b"Cafe au lait") == 1
+    patched.write_bytes(data.replace(b"Cafe au lait", b"Caf\xe9 au lait"))  # Latin-1, same length
+    with pytest.raises(UnicodeDecodeError):
+        av.open(str(patched)).close()
+    out = load_audio(patched)
+    assert torch.equal(out, load_audio(clean)) and len(out) > 15000
+
+
+def text_file(path):
+    path.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+    return path
+
+
+@pytest.mark.parametrize("with_pyav", [True, False])
+def test_files_that_are_not_media_say_what_is_read(tmp_path, monkeypatch, with_pyav):
+    if not with_pyav:
+        monkeypatch.setitem(sys.modules, "av", None)  # the messages must not turn into a PyAV install hint
+    bare, txt = text_file(tmp_path / "passwd"), text_file(tmp_path / "notes.txt")
+    message = expect_media_error(load_audio, bare)
+    assert message == (f"{bare}: not a WAV file, and its name has no suffix naming an audio format epalm reads: "
+                       ".wav .flac .mp3 .ogg .opus .m4a .aac, or the sound of a video "
+                       "(.mp4 .m4v .mov .avi .webm .mkv .mpg .mpeg .3gp)")
+    assert f"{txt}: not a WAV file, and '.txt' is not an audio format" in expect_media_error(load_audio, txt)
+    message = expect_media_error(load_video, txt)
+    assert message == (f"{txt}: '.txt' is not a video format epalm reads: .mp4 .m4v .mov .avi .webm .mkv .mpg .mpeg "
+                       ".3gp, animations (.gif .apng .webp .png) or a folder of frame images")
+    assert f"{bare}: its name has no suffix naming a video format epalm reads: .mp4" in expect_media_error(load_video,
+                                                                                                          bare)
+    for path in (bare, txt):
+        assert expect_media_error(load_image, path).startswith(f"{path}: a text file, not an image (Pillow reads")
+    binary = tmp_path / "random.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert expect_media_error(load_image, binary).startswith(f"{binary}: not an image or unsupported image format")
+    assert "'.bin' is not an audio format" in expect_media_error(load_audio, binary)

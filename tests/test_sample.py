@@ -76,3 +76,13 @@ def test_default_checkpoint_missing_says_how_to_train(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--video", str(FILES["video"][0])],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert p.returncode == 1 and "python train.py --modality video" in p.stderr, p.stderr
+
+
+def test_a_text_file_given_as_audio_says_what_is_read(tiny_backbones, tmp_path):
+    ckpt = make_checkpoint(tiny_backbones, "audio", tmp_path / "ckpt.safetensors")
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    p = run_sample("--audio", passwd, "--checkpoint", ckpt)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"error: {passwd}: not a WAV file, and its name has no suffix naming an audio format "
+                               "epalm reads: .wav .flac"), p.stderr

@@ -160,7 +160,7 @@ def test_feature_cache_reuses_unchanged_media_and_recomputes_changed(tmp_path):
     from PIL import Image
 
     import data
-    from vit import ImageTransform
+    from media import ImageTransform
 
     class Encoder:  # counts how often the frozen encoder really runs
         calls = 0
@@ -194,7 +194,7 @@ def test_feature_cache_reuses_unchanged_media_and_recomputes_changed(tmp_path):
 
 def test_undecodable_media_are_dropped_with_one_line_each(tmp_path, capfd):
     import data
-    from vit import ImageTransform
+    from media import ImageTransform
     good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
     from PIL import Image
     Image.new("RGB", (8, 8), "red").save(good)
@@ -206,6 +206,33 @@ def test_undecodable_media_are_dropped_with_one_line_each(tmp_path, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jpg" in err[0] and err[0].startswith("warning: skipped")
     assert batch["index"] == [0] and batch["dropped"] == 1 and batch["media"].shape == (1, 3, 8, 8)
+
+
+def test_text_batch_takes_eos_and_pad_from_the_tokenizer():
+    import pytest
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    import data
+
+    def word_tokenizer(vocab):
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        bos = [("</s>", vocab["</s>"])]
+        tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=bos)
+        return tok
+
+    # OPT's ids would be </s>=2, <pad>=1: here they are elsewhere, and 1, 2 are words
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "cat": 3, "</s>": 5, "<pad>": 7}
+    ids, mask, targets = data.text_batch(word_tokenizer(vocab), ["a", "a b"], [" cat", " cat"])
+    assert ids.tolist() == [[7, 5, 1, 3, 5], [5, 1, 2, 3, 5]]
+    assert mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert targets.tolist() == [[-100, -100, -100, 3, 5], [-100, -100, -100, 3, 5]]
+    opt = __import__("opt").load_tokenizer(str(TESTDATA / "tokenizer" / "opt"))
+    ids, _, targets = data.text_batch(opt, ["", "a dog"], [" cat", " cat"])
+    assert ids[0, 0] == 1 and targets[0, -1] == 2 == ids[1, 0]  # OPT: <pad> 1, </s> 2 (BOS and EOS)
+    del vocab["<pad>"]
+    with pytest.raises(ValueError, match="the tokenizer has no <pad> token"):
+        data.text_batch(word_tokenizer(vocab), ["a"], [" cat"])
 
 
 def test_torchrun_two_processes_on_cpu(tiny_backbones, tmp_path):

@@ -1,4 +1,4 @@
-"""The data-set readers (data.read_dataset) on small copies of each benchmark's real layout.
+"""The data-set readers (benchmarks.read_dataset) on small copies of each benchmark's real layout.
 
 References: the real annotation excerpts in tests/data/annotations (AudioCaps val csv, MSR-VTT JSFusion 1k-A
 csv, VQAv2 questions/annotations) and hand-written files in the documented formats, with the shared media files
@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 
-import data
+import benchmarks
+import media
 from conftest import TESTDATA
 
 ANNOTATIONS, IMAGES, AUDIO, VIDEO = (TESTDATA / d for d in ("annotations", "images", "audio", "video"))
@@ -61,7 +62,7 @@ def coco_root(tmp_path):
 
 
 def test_coco_train_is_one_example_per_caption_including_restval(coco_root):
-    examples = data.read_dataset("coco", coco_root, "train")
+    examples = benchmarks.read_dataset("coco", coco_root, "train")
     assert [(e.id, e.prompt, e.target) for e in examples] == [
         ("9_0", "", "A man in a suit."), ("9_1", "", "An old photo of a woman."),
         ("262148_0", "", "A skier on a slope.")]
@@ -69,14 +70,14 @@ def test_coco_train_is_one_example_per_caption_including_restval(coco_root):
     assert examples[2].media == coco_root / "val2014" / "COCO_val2014_000000262148.jpg"
     assert examples[0].meta["image_id"] == 9
     check_media(examples)
-    assert data.load_image(examples[2].media).size == (640, 512)  # the real photo
+    assert media.load_image(examples[2].media).size == (640, 512)  # the real photo
 
 
 def test_coco_eval_splits_are_one_example_per_image_with_all_references(coco_root):
-    val = data.read_dataset("coco", coco_root, "val")
+    val = benchmarks.read_dataset("coco", coco_root, "val")
     assert [(e.id, e.target, e.references) for e in val] == [
         ("391895", "Val one.", ["Val one.", "Val two.", "Val three."])]
-    test = data.read_dataset("coco", coco_root, "test")
+    test = benchmarks.read_dataset("coco", coco_root, "test")
     assert [(e.id, e.target, e.references) for e in test] == [("522418", "Test one.", ["Test one.", "Test two."])]
     check_media(val + test)
 
@@ -92,7 +93,7 @@ def vqav2_root(tmp_path):
 
 
 def test_vqav2_real_excerpt(vqav2_root):
-    examples = data.read_dataset("vqav2", vqav2_root, "train")
+    examples = benchmarks.read_dataset("vqav2", vqav2_root, "train")
     # the excerpt's annotations carry only the ten answers: the target is their most frequent one
     assert [(e.id, e.prompt, e.target) for e in examples] == [
         ("458752000", "What is this photo taken looking through? </a>", " net"),
@@ -114,7 +115,7 @@ def test_vqav2_val_uses_the_official_multiple_choice_answer(tmp_path):
     write_json(tmp_path / "v2_mscoco_val2014_annotations.json", {"annotations": [
         {"question_id": 262148000, "image_id": 262148, "multiple_choice_answer": "yes", "answers": answers}]})
     place(IMAGES / "COCO_val2014_000000262148.jpg", tmp_path / "val2014" / "COCO_val2014_000000262148.jpg")
-    [e] = data.read_dataset("vqav2", tmp_path, "val")
+    [e] = benchmarks.read_dataset("vqav2", tmp_path, "val")
     assert (e.id, e.prompt, e.target) == ("262148000", "Is it snowing? </a>", " yes")
     assert len(e.references) == 10 and e.references[0] == "no"
     check_media([e])
@@ -127,7 +128,7 @@ def test_vqav2_question_without_annotation(vqav2_root):
     path.write_text(json.dumps(annotations))
     with pytest.raises(ValueError,
                        match=r"v2_mscoco_train2014_annotations\.json: no annotation for question_id 458752002"):
-        data.read_dataset("vqav2", vqav2_root, "train")
+        benchmarks.read_dataset("vqav2", vqav2_root, "train")
 
 
 # ---- GQA ----
@@ -140,12 +141,12 @@ def test_gqa_balanced_questions(tmp_path):
                       "fullAnswer": "The girl is wearing a shirt."}})
     place(IMAGES / "hopper.jpg", tmp_path / "images" / "n288870.jpg")
     place(IMAGES / "hopper_gray.jpg", tmp_path / "images" / "n161313.jpg")
-    examples = data.read_dataset("gqa", tmp_path, "testdev")
+    examples = benchmarks.read_dataset("gqa", tmp_path, "testdev")
     assert [(e.id, e.prompt, e.target, e.references) for e in examples] == [
         ("20968379", "Do the shorts have dark color? </a>", " yes", ["yes"]),
         ("201640614", "Who is wearing the shirt? </a>", " girl", ["girl"])]
     assert examples[1].media == tmp_path / "images" / "n161313.jpg"
-    assert data.DATASETS["gqa"] == "vqa"
+    assert benchmarks.DATASETS["gqa"].task == "vqa"
     check_media(examples)
 
 
@@ -158,7 +159,7 @@ def test_audiocaps_real_excerpt_skips_missing_clips_with_one_warning(tmp_path):
     place(AUDIO / "speech_16k_mono.wav", tmp_path / "val" / "uEU-Hg5MTN8.WAV")    # the last row, upper-case suffix
     (tmp_path / "val" / "tdWhHV3X25Q.txt").write_text("not audio")                 # not a clip
     with pytest.warns(UserWarning, match=r"val\.csv: skipped 17 of 20 rows whose clip is not in") as record:
-        examples = data.read_dataset("audiocaps", tmp_path, "val")
+        examples = benchmarks.read_dataset("audiocaps", tmp_path, "val")
     assert len(record) == 1
     assert [(e.id, e.target) for e in examples] == [
         ("vfY_TJq7n_U", "Rustling occurs, ducks quack and water splashes, followed by an adult female and adult male "
@@ -188,7 +189,7 @@ def write_audiocaps(root, split):
 def test_audiocaps_eval_groups_captions_per_clip(tmp_path):
     write_audiocaps(tmp_path, "test")
     with pytest.warns(UserWarning, match="skipped 1 of 5 rows"):
-        examples = data.read_dataset("audiocaps", tmp_path, "test")
+        examples = benchmarks.read_dataset("audiocaps", tmp_path, "test")
     assert [(e.id, e.target, e.references) for e in examples] == [
         ("aaa", "Rain falls", ["Rain falls", "Rain falls on a roof", "Heavy rain"]),
         ("bbb", "A dog barks", ["A dog barks"])]
@@ -199,7 +200,7 @@ def test_audiocaps_eval_groups_captions_per_clip(tmp_path):
 def test_audiocaps_train_is_one_example_per_row(tmp_path):
     write_audiocaps(tmp_path, "train")
     with pytest.warns(UserWarning, match="skipped 1 of 5 rows"):
-        examples = data.read_dataset("audiocaps", tmp_path, "train")
+        examples = benchmarks.read_dataset("audiocaps", tmp_path, "train")
     assert [(e.id, e.target) for e in examples] == [
         ("aaa_0", "Rain falls"), ("aaa_1", "Rain falls on a roof"), ("aaa_2", "Heavy rain"), ("bbb_0", "A dog barks")]
     assert examples[0].media == tmp_path / "train" / "aaa.wav"
@@ -210,7 +211,7 @@ def test_audiocaps_without_any_clip_is_an_error(tmp_path):
     place(ANNOTATIONS / "audiocaps_val_excerpt.csv", tmp_path / "val.csv")
     (tmp_path / "val").mkdir()
     with pytest.warns(UserWarning, match="skipped 20 of 20"), pytest.raises(ValueError, match="no audiocaps examples"):
-        data.read_dataset("audiocaps", tmp_path, "val")
+        benchmarks.read_dataset("audiocaps", tmp_path, "val")
 
 
 # ---- MSR-VTT captions ----
@@ -241,17 +242,17 @@ def msrvtt_root(tmp_path):
 
 
 def test_msrvtt_train_and_val_from_the_json(msrvtt_root):
-    train = data.read_dataset("msrvtt", msrvtt_root, "train")
+    train = benchmarks.read_dataset("msrvtt", msrvtt_root, "train")
     assert [(e.id, e.target) for e in train] == [("video0_0", "a car is shown"), ("video0_1", "a red car drives")]
     assert train[0].media == msrvtt_root / "videos" / "video0.mp4"
-    val = data.read_dataset("msrvtt", msrvtt_root, "val")
+    val = benchmarks.read_dataset("msrvtt", msrvtt_root, "val")
     assert [(e.id, e.target, e.references) for e in val] == [("video6513", "people dance", ["people dance"])]
     check_media(train + val)
 
 
 def test_msrvtt_test_is_1k_a_from_the_real_jsfusion_csv(msrvtt_root):
     place(ANNOTATIONS / "msrvtt_jsfusion_test_excerpt.csv", msrvtt_root / "MSRVTT_JSFUSION_test.csv")
-    examples = data.read_dataset("msrvtt", msrvtt_root, "test")
+    examples = benchmarks.read_dataset("msrvtt", msrvtt_root, "test")
     assert len(examples) == 15 and JSFUSION_VIDEOS[:3] == ["video9770", "video9771", "video7020"]
     assert [e.id for e in examples] == JSFUSION_VIDEOS  # video7010 is official test but not in 1k-A
     # scored against the json's captions where it has the video, else the csv's sentence
@@ -268,19 +269,19 @@ def test_msrvtt_1k_a_csv_alone_with_commas(tmp_path):
         csv.writer(f).writerows(rows)
     for stem in JSFUSION_VIDEOS:
         link_video(tmp_path / "videos", stem, ".webm")
-    examples = data.read_dataset("msrvtt", tmp_path, "test")
+    examples = benchmarks.read_dataset("msrvtt", tmp_path, "test")
     assert [(e.id, e.target) for e in examples][:2] == [("video9770", "a person is connecting something to system"),
                                                         ("video9771", "a little girl does gymnastics")]
     assert examples[0].media == tmp_path / "videos" / "video9770.webm"
     # without the csv, the test split needs the json
     (tmp_path / "MSRVTT_JSFUSION_test.csv").unlink()
     with pytest.raises(FileNotFoundError, match=r"MSRVTT_data\.json: missing msrvtt annotation file"):
-        data.read_dataset("msrvtt", tmp_path, "test")
+        benchmarks.read_dataset("msrvtt", tmp_path, "test")
 
 
 def test_msrvtt_official_json_name_and_full_test_split(msrvtt_root):
     (msrvtt_root / "MSRVTT_data.json").rename(msrvtt_root / "train_val_videodatainfo.json")
-    examples = data.read_dataset("msrvtt", msrvtt_root, "test")  # no JSFusion csv: the official test videos
+    examples = benchmarks.read_dataset("msrvtt", msrvtt_root, "test")  # no JSFusion csv: the official test videos
     assert [(e.id, e.references) for e in examples] == [
         ("video9770", ["a man plugs in a cable", "someone connects a computer"]), ("video7010", ["a cartoon"])]
 
@@ -288,7 +289,7 @@ def test_msrvtt_official_json_name_and_full_test_split(msrvtt_root):
 def test_msrvtt_missing_video(msrvtt_root):
     (msrvtt_root / "videos" / "video6513.mp4").unlink()
     with pytest.raises(FileNotFoundError, match=r"videos: no video file for 1 of 1 clips, e.g. video6513"):
-        data.read_dataset("msrvtt", msrvtt_root, "val")
+        benchmarks.read_dataset("msrvtt", msrvtt_root, "val")
 
 
 # ---- MSRVTT-QA / MSVD-QA ----
@@ -299,7 +300,7 @@ def test_msrvtt_qa(tmp_path):
         {"answer": "dance", "id": 158582, "question": "what are people doing?", "video_id": 6514}])
     link_video(tmp_path / "videos", "video6513")
     link_video(tmp_path / "videos", "video6514")
-    examples = data.read_dataset("msrvtt_qa", tmp_path, "val")
+    examples = benchmarks.read_dataset("msrvtt_qa", tmp_path, "val")
     assert [(e.id, e.prompt, e.target, e.references) for e in examples] == [
         ("158581", "who is talking? </a>", " man", ["man"]),
         ("158582", "what are people doing? </a>", " dance", ["dance"])]
@@ -314,72 +315,73 @@ def test_msvd_qa_with_and_without_youtube_mapping(tmp_path):
         {"answer": "piano", "id": 1, "question": "what does the cat play?", "video_id": 1}])
     (tmp_path / "youtube_mapping.txt").write_text("-4wsuPCjDBc_5_15 vid1\n-7KMZQEsJW4_205_208 vid2\n")
     link_video(tmp_path / "videos", "-4wsuPCjDBc_5_15", ".avi")
-    examples = data.read_dataset("msvd_qa", tmp_path, "test")
+    examples = benchmarks.read_dataset("msvd_qa", tmp_path, "test")
     assert [(e.id, e.prompt, e.target) for e in examples] == [
         ("0", "what is playing? </a>", " cat"), ("1", "what does the cat play? </a>", " piano")]
     assert examples[0].media == examples[1].media == tmp_path / "videos" / "-4wsuPCjDBc_5_15.avi"
     check_media(examples)
     (tmp_path / "youtube_mapping.txt").unlink()
     with pytest.raises(FileNotFoundError, match="e.g. vid1"):
-        data.read_dataset("msvd_qa", tmp_path, "test")
+        benchmarks.read_dataset("msvd_qa", tmp_path, "test")
     link_video(tmp_path / "videos", "vid1")
-    assert data.read_dataset("msvd_qa", tmp_path, "test")[0].media == tmp_path / "videos" / "vid1.mp4"
+    assert benchmarks.read_dataset("msvd_qa", tmp_path, "test")[0].media == tmp_path / "videos" / "vid1.mp4"
 
 
 def test_msvd_bad_mapping_line(tmp_path):
     write_json(tmp_path / "train_qa.json", [{"answer": "cat", "id": 0, "question": "what?", "video_id": 1}])
     (tmp_path / "youtube_mapping.txt").write_text("-4wsuPCjDBc_5_15 vid1\nbroken\n")
     with pytest.raises(ValueError, match=r"youtube_mapping\.txt: line 2 is not"):
-        data.read_dataset("msvd_qa", tmp_path, "train")
+        benchmarks.read_dataset("msvd_qa", tmp_path, "train")
 
 
 # ---- errors ----
 
 def test_registry_of_tasks():
-    assert data.DATASETS == {"coco": "caption", "vqav2": "vqa", "gqa": "vqa", "audiocaps": "caption",
-                             "msrvtt": "caption", "msrvtt_qa": "vqa", "msvd_qa": "vqa"}
+    assert {name: b.task for name, b in benchmarks.DATASETS.items()} == {
+        "coco": "caption", "vqav2": "vqa", "gqa": "vqa", "audiocaps": "caption", "msrvtt": "caption",
+        "msrvtt_qa": "vqa", "msvd_qa": "vqa"}
 
 
 def test_unknown_name_split_and_missing_root(tmp_path):
     with pytest.raises(ValueError, match="unknown data set 'flickr30k': expected one of coco, vqav2"):
-        data.read_dataset("flickr30k", tmp_path, "train")
+        benchmarks.read_dataset("flickr30k", tmp_path, "train")
     with pytest.raises(ValueError, match="vqav2: unknown split 'test': expected one of train, val"):
-        data.read_dataset("vqav2", tmp_path, "test")
+        benchmarks.read_dataset("vqav2", tmp_path, "test")
     with pytest.raises(FileNotFoundError, match=r"nowhere: gqa root folder does not exist \(expected in it: "):
-        data.read_dataset("gqa", tmp_path / "nowhere", "val")
+        benchmarks.read_dataset("gqa", tmp_path / "nowhere", "val")
 
 
 def test_missing_annotation_file_names_it_and_the_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"dataset_coco\.json: missing coco annotation file .*train2014/"):
-        data.read_dataset("coco", tmp_path, "train")
+        benchmarks.read_dataset("coco", tmp_path, "train")
     with pytest.raises(FileNotFoundError, match=r"v2_OpenEnded_mscoco_val2014_questions\.json: missing vqav2"):
-        data.read_dataset("vqav2", tmp_path, "val")
+        benchmarks.read_dataset("vqav2", tmp_path, "val")
     with pytest.raises(FileNotFoundError, match=r"train\.csv: missing audiocaps annotation file"):
-        data.read_dataset("audiocaps", tmp_path, "train")
+        benchmarks.read_dataset("audiocaps", tmp_path, "train")
     with pytest.raises(FileNotFoundError, match=r"val_qa\.json: missing msrvtt_qa annotation file"):
-        data.read_dataset("msrvtt_qa", tmp_path, "val")
+        benchmarks.read_dataset("msrvtt_qa", tmp_path, "val")
 
 
 def test_missing_media_folder(tmp_path):
     write_json(tmp_path / "val_balanced_questions.json", {"1": {"imageId": "n1", "question": "q?", "answer": "a"}})
     with pytest.raises(FileNotFoundError, match=r"images: missing gqa media folder"):
-        data.read_dataset("gqa", tmp_path, "val")
+        benchmarks.read_dataset("gqa", tmp_path, "val")
 
 
 def test_malformed_annotations(coco_root, tmp_path):
     (coco_root / "dataset_coco.json").write_text('{"images": [{"split": "val"}]}')
     with pytest.raises(ValueError, match=r"malformed coco annotations \(KeyError: 'cocoid'\)"):
-        data.read_dataset("coco", coco_root, "val")
+        benchmarks.read_dataset("coco", coco_root, "val")
     (coco_root / "dataset_coco.json").write_text('{"images": [')
     with pytest.raises(ValueError, match=r"dataset_coco\.json: not valid JSON"):
-        data.read_dataset("coco", coco_root, "val")
+        benchmarks.read_dataset("coco", coco_root, "val")
     (coco_root / "train.csv").write_text("youtube_id,caption\nabc,hello\n")
     with pytest.raises(ValueError, match=r"train\.csv: no column 'audiocap_id'"):
-        data.read_dataset("audiocaps", coco_root, "train")
+        benchmarks.read_dataset("audiocaps", coco_root, "train")
 
 
 def test_empty_split(coco_root):
     images = json.loads((coco_root / "dataset_coco.json").read_text())["images"]
     write_json(coco_root / "dataset_coco.json", {"images": [im for im in images if im["split"] != "test"]})
     with pytest.raises(ValueError, match="no coco examples in split 'test'"):
-        data.read_dataset("coco", coco_root, "test")
+        benchmarks.read_dataset("coco", coco_root, "test")

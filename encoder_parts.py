@@ -1,0 +1,139 @@
+"""What ViT, AST and TimeSformer share: config.json reading, the pre-LN transformer block, and the renaming of hub
+checkpoint keys to this project's parameter names.
+
+References: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021) for the block; transformers' ViTModel,
+ASTModel and TimesformerModel and timm's VisionTransformer (read to match checkpoint keys, never imported here).
+"""
+import dataclasses
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+def config_from_dict(cls, d: dict):
+    """Build a config dataclass from a hub config.json dict, ignoring keys the dataclass does not have."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    for key in ("image_size", "patch_size"):  # hub configs may store [h, w]; these models are square
+        if isinstance(kwargs.get(key), (list, tuple)):
+            if len(set(kwargs[key])) != 1:
+                raise ValueError(f"config.json: {key}={kwargs[key]} is not square, which is not supported")
+            kwargs[key] = kwargs[key][0]
+    if kwargs.get("hidden_act", "gelu") not in ACTIVATIONS:
+        raise ValueError(f"config.json: hidden_act={kwargs['hidden_act']!r} is not one of {sorted(ACTIVATIONS)}")
+    return cls(**kwargs)
+
+
+# ---- the pre-LN transformer block ----
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_head: int, qkv_bias: bool = True):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.hidden_size
+        self.norm1 = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.attn = Attention(D, config.num_attention_heads, config.qkv_bias)
+        self.norm2 = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.mlp = MLP(D, config.intermediate_size, config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def run_blocks(blocks: nn.ModuleList, norm: nn.Module, x: torch.Tensor, last: int | None, **kwargs) -> list:
+    """Run every block; return the final-LN'd output of the last `last` blocks (all of them when None)."""
+    n = len(blocks)
+    last = n if last is None else last
+    if not 1 <= last <= n:
+        raise ValueError(f"last={last} must be between 1 and the number of blocks ({n})")
+    outs = []
+    for i, block in enumerate(blocks):
+        x = block(x, **kwargs)
+        if i >= n - last:
+            outs.append(norm(x))
+    return outs
+
+
+# ---- checkpoint key renaming ----
+
+# HF layout (ViTModel, ASTModel, TimesformerModel) -> ours; the first matching rule wins.
+HF_RULES = [
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.attention\.qkv\.", r"blocks.\1.attn.qkv."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    (r"^layernorm\.", "norm."),
+]
+
+
+def fuse_qkv(state: dict) -> dict:
+    """HF stores attention.attention.{query,key,value}; we use one fused qkv Linear (as timm and TimeSformer do)."""
+    out = {}
+    for key, t in state.items():
+        m = re.fullmatch(r"(.*\.attention\.attention\.)(query|key|value)\.(weight|bias)", key)
+        if m is None:
+            out[key] = t
+        elif m.group(2) == "query":
+            parts = [state.get(f"{m.group(1)}{p}.{m.group(3)}") for p in ("query", "key", "value")]
+            if any(p is None for p in parts):
+                raise ValueError(f"checkpoint has {key} but not all of query/key/value next to it")
+            out[f"{m.group(1)}qkv.{m.group(3)}"] = torch.cat(parts, 0)
+    return out
+
+
+def rename_keys(state: dict, rules: list, prefixes: tuple = (), drop: tuple = ()) -> dict:
+    """Strip a task-model prefix ("vit.", ...), drop heads, apply the first matching rule to every key. Keys that
+    match nothing are kept as is, so the strict load names them."""
+    out = {}
+    for key, t in state.items():
+        for prefix in prefixes:
+            key = key.removeprefix(prefix)
+        if key.startswith(drop):
+            continue
+        for pattern, repl in rules:
+            key, n = re.subn(pattern, repl, key)
+            if n:
+                break
+        out[key] = t
+    return out
