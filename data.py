@@ -192,38 +192,62 @@ def media_fingerprint(media) -> bytes:
 
 
 def cached_features(model, examples: list[Example], transform: MediaTransform, cache_dir, key: str,
-                    batch_size: int = 32, device="cpu") -> torch.Tensor:
+                    batch_size: int = 32, device="cpu", rank: int = 0, world: int = 1,
+                    lockstep: bool = False) -> torch.Tensor:
     """The frozen encoder's K [CLS] tokens for every example, computed once and kept in
     cache_dir/<hash>.safetensors, so later runs skip the encoder. The hash covers `key` (the caller names the
     encoder, its weights, preprocessing and K) and every media item: a file by path, size and modification
-    time, decoded media by content. Returns (N, K, D) float32 on the CPU."""
+    time, decoded media by content. Returns (N, K, D) float32 on the CPU; undecodable media give NaN rows.
+
+    With several processes (rank of world) each encodes every world-th batch, the batches of a one-process run,
+    so the features are bit-identical to that run's; all processes gather them (every one trains on all of
+    them) and the first process of each machine writes the file, so a machine without a shared file system
+    finds it next time too. lockstep (FSDP): every process runs the encoder equally often."""
     digest = hashlib.sha1(key.encode())
     for e in examples:
         digest.update(media_fingerprint(e.media))
     path = Path(cache_dir) / f"{digest.hexdigest()[:16]}.safetensors"
-    if path.exists():
+    found = [path.exists()] * world
+    if world > 1:  # one decision for all: a process that computes while another loads would wait forever
+        torch.distributed.all_gather_object(found, path.exists())
+    if all(found):
         return load_file(str(path))["features"]
-    chunks = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="encoding media", unit="batch", leave=False):
-        batch = []
-        for e in examples[start:start + batch_size]:
+    num_batches = -(-len(examples) // batch_size)
+    mine = list(range(rank, num_batches, world))
+    if lockstep:
+        mine += [None] * (-(-num_batches // world) - len(mine))  # None: an extra encoder call, result dropped
+    parts = {}
+    for k in tqdm(mine, desc="encoding media", unit="batch", leave=False, disable=rank != 0):
+        inputs = []
+        for e in examples[(k or 0) * batch_size:((k or 0) + 1) * batch_size]:
             try:
-                batch.append(transform(e.media))
+                inputs.append(transform(e.media))
             except MediaError as err:  # stored as NaN: the caller drops these examples
-                print(f"warning: skipped {err}", file=sys.stderr)
-                batch.append(None)
-        ok = [x for x in batch if x is not None]
+                if k is not None:
+                    print(f"warning: skipped {err}", file=sys.stderr)
+                inputs.append(None)
+        ok = [x for x in inputs if x is not None]
+        for e in examples if not ok and lockstep else []:  # the others are encoding: take part, on any media
+            try:
+                ok = [transform(e.media)]
+                break
+            except MediaError:
+                pass
         feats = model.encode(torch.stack(ok).to(device)).float().cpu() if ok else None
-        out, j = [], 0
-        for x in batch:
-            out.append(feats[j] if x is not None else torch.full(feats.shape[1:] if feats is not None else
-                                                                 (model.config.num_levels, model.encoder.hidden_size),
-                                                                 float("nan")))
-            j += x is not None
-        chunks.append(torch.stack(out))
-    features = torch.cat(chunks)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"features": features.contiguous()}, str(tmp), metadata={"key": key[:1000]})
-    os.replace(tmp, path)
+        if k is None:
+            continue
+        blank = torch.full((model.config.num_levels, model.encoder.hidden_size), float("nan"))
+        rows = iter(feats if feats is not None else [])
+        parts[k] = torch.stack([next(rows) if x is not None else blank for x in inputs])
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, parts)
+        parts = {k: v for p in gathered for k, v in p.items()}
+    features = torch.cat([parts[k] for k in range(num_batches)])
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # machines sharing cache_dir write apart
+        save_file({"features": features.contiguous()}, str(tmp), metadata={"key": key[:1000]})
+        os.replace(tmp, path)
     return features
+

@@ -418,9 +418,9 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
         key = f"{run_config()['encoder']}|{weights}|{eval_tf}|K={model.config.num_levels}|{dataset}"
         with autocast:
             feats_train = data.cached_features(model, train_ex, eval_tf, out_dir.parent / "cache", key + "|train",
-                                               batch_size, device)
+                                               batch_size, device, rank, world, lockstep=fsdp)
             feats_eval = data.cached_features(model, eval_ex, eval_tf, out_dir.parent / "cache", key + "|eval",
-                                              batch_size, device)
+                                              batch_size, device, rank, world, lockstep=fsdp)
         train_ex, feats_train = drop_undecodable(train_ex, feats_train, "train")
         eval_ex, feats_eval = drop_undecodable(eval_ex, feats_eval, "evaluation")
     optimizer = make_optimizer(model)

@@ -65,3 +65,18 @@ def test_fsdp_trains_like_ddp_with_half_the_frozen_weights_per_process(tiny_back
     from model import from_checkpoint
     model, _, config = from_checkpoint(tmp_path / "fsdp" / "ckpt.safetensors")
     assert config["iter"] == 3 and torch.equal(model.prompt.detach(), fsdp["prompt"])
+
+
+def test_feature_cache_is_shared_and_equals_one_process(tiny_backbones, tmp_path):
+    """Each process encodes its batches; the file of each split is written once, byte for byte the one a single
+    process writes (same batches, so bit-identical features)."""
+    flags = ["--max_iters=1", "--eval_interval=1", "--cache_features=True", "--eval_samples=4"]
+    run(tiny_backbones, tmp_path / "a" / "run", *flags)
+    run(tiny_backbones, tmp_path / "b" / "run", *flags, procs=2)
+    one, two = (sorted((tmp_path / d / "cache").iterdir()) for d in ("a", "b"))
+    assert len(one) == 2 and [f.name for f in one] == [f.name for f in two]  # the train and held-out splits
+    for a, b in zip(one, two):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    # a second run finds the cache: no encoding
+    p = run(tiny_backbones, tmp_path / "b" / "run", *flags, procs=2)
+    assert "encoding media" not in p.stderr
