@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import hub
 from ast_audio import AST
+import generate
 from opt import OPT, causal_mask, load_tokenizer
 from timesformer import TimeSformer
 from vit import ViT
@@ -60,7 +61,8 @@ class EPALM(nn.Module):
         self.level_at = {self.start + (k * width) // K: k for k in range(K)}  # LM layer -> encoder level
         n_conn = 1 if config.shared_connector else K
         self.connector = nn.ModuleList(nn.Linear(encoder.hidden_size, hidden) for _ in range(n_conn))
-        # the prompt lives in token-embedding space (before project_in); start from real token embeddings
+        # the prompt lives in token-embedding space (before project_in); start from real token embeddings,
+        # from row 4 on: rows 0-3 are the special tokens <s> <pad> </s> <unk>
         emb = lm.embed_tokens.weight
         rows = torch.randint(4, emb.shape[0], (config.prompt_length,), device="cpu").to(emb.device)
         # no prompt, no parameter: an empty one would make autograd record every layer below the window
@@ -104,8 +106,9 @@ class EPALM(nn.Module):
     def prompt_vectors(self) -> torch.Tensor:
         return self.prompt if self.prompt_mlp is None else self.prompt_mlp(self.prompt)
 
-    def embed(self, input_ids, attention_mask):
-        """Prompt + text into the LM's width. Returns h (B, P+T, hidden) and the key mask (B, P+T)."""
+    def embed(self, input_ids, attention_mask, media: bool = False):
+        """Prompt + text into the LM's width: h (B, P+T, hidden), and the key mask of the slots
+        [media, prompt, text] (B, 1+P+T), its media column saying whether a media token exists."""
         B, P = input_ids.shape[0], self.config.prompt_length
         tok = self.lm.embed_tokens(input_ids)
         if P:
@@ -113,31 +116,35 @@ class EPALM(nn.Module):
         h = self.lm.project_in(tok)
         pos = self.lm.positions(self.lm.position_ids(attention_mask))
         h = h + F.pad(pos, (0, 0, P, 0))  # the prompt gets no position
-        valid = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1).bool()
+        valid = torch.cat([attention_mask.new_full((B, 1), media), attention_mask.new_ones(B, P), attention_mask],
+                          dim=1).bool()
         return h, valid
 
-    def run_layers(self, h, valid, inj=None, caches=None):
-        """The LM's layers with injection. h: the new positions (all of them, or one per step with caches);
-        valid: (B, S) key mask of every non-media position so far; inj: (B, K, hidden) or None."""
-        B, T, _ = h.shape
-        S = valid.shape[1]
-        prefill = caches is None or caches[0].k is None
-        mask = causal_mask(valid, T, cached=S - T)  # (B, 1, T, S); padded rows attend themselves: never NaN
-        if inj is not None:
-            # media key in front: every text query may see it; in the prefill it is also a query of its own
-            mask_media = F.pad(mask, (1, 0), value=True)
-            if prefill:
-                row = torch.zeros(B, 1, 1, S + 1, dtype=torch.bool, device=h.device)
-                row[..., 0] = True
-                mask_media = torch.cat([row, mask_media], dim=2)
+    def run_layers(self, h, valid, inj=None, cache=None, slots=None):
+        """The only loop through the LM's layers, with injection: used by the training forward, the prefill and
+        the decode step of generation. Slots of the sequence: [media, prompt, text, generated ...].
+        h: (B, T, hidden), the new positions, at `slots` (T,) (None: 1..T, without a cache);
+        valid: (B, S) key mask over the slots (S = 1+T without a cache, the cache's length with one); its media
+          column says whether slot 0 holds a media token (from layer `start` on; below, it is never attended);
+        inj: (B, K, hidden) media tokens to inject (training, prefill): media enters h iff inj is given. In
+          decode steps the media token's keys and values are already in the cache."""
+        if slots is None:
+            slots = torch.arange(1, h.shape[1] + 1, device=h.device)
+        late_slots = slots if inj is None else torch.cat([slots.new_zeros(1), slots])  # media query at slot 0
+        early = causal_mask(valid & (torch.arange(valid.shape[1], device=h.device) > 0), slots)
+        late = causal_mask(valid, late_slots)
+        if cache is None:  # the keys are h's own positions: slot 0 only while the media token is in h
+            early = early[..., 1:]
+            late = late if inj is not None else late[..., 1:]
         for i, layer in enumerate(self.lm.layers):
-            if inj is not None and i >= self.start:
-                if prefill and i in self.level_at:
-                    tok = inj[:, self.level_at[i]][:, None].to(h.dtype)
-                    h = torch.cat([tok, h if i == self.start else h[:, 1:]], dim=1)
-                h = layer(h, mask_media, caches[i] if caches else None)
-            else:
-                h = layer(h, mask, caches[i] if caches else None)
+            kv = None if cache is None else cache.layer(i)
+            if i < self.start:
+                h = layer(h, early, kv, slots)
+                continue
+            if inj is not None and i in self.level_at:
+                tok = inj[:, self.level_at[i]][:, None].to(h.dtype)
+                h = torch.cat([tok, h if i == self.start else h[:, 1:]], dim=1)
+            h = layer(h, late, kv, late_slots)
         return h
 
     def forward(self, media=None, input_ids=None, attention_mask=None, targets=None, features=None):
@@ -146,8 +153,9 @@ class EPALM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         T = input_ids.shape[1]
-        h, valid = self.embed(input_ids, attention_mask)
-        h = self.run_layers(h, valid, self.inject_tokens(media, features))
+        inj = self.inject_tokens(media, features)
+        h, valid = self.embed(input_ids, attention_mask, media=inj is not None)
+        h = self.run_layers(h, valid, inj)
         logits = self.lm.logits(h[:, -T:])
         loss = None
         if targets is not None:
@@ -155,108 +163,17 @@ class EPALM(nn.Module):
                                    ignore_index=-100)
         return logits, loss
 
-    # ---- generation: KV cache, left padding, greedy / sampling / beam search ----
-    def _step(self, tokens, valid, text_len, inj, caches):
-        """Feed one new token per row; returns next-token logits (N, vocab) and the grown key mask."""
-        h = self.lm.project_in(self.lm.embed_tokens(tokens[:, None])) + self.lm.positions(text_len[:, None])
-        valid = F.pad(valid, (0, 1), value=True)
-        return self.lm.logits(self.run_layers(h, valid, inj, caches)[:, -1]), valid
-
     @torch.no_grad()
     def generate(self, media=None, input_ids=None, attention_mask=None, max_new_tokens=30, num_beams=1,
-                 temperature=0.0, top_k=None, top_p=None, eos_token_id=2, features=None,
-                 length_penalty=1.0) -> list[list[int]]:
-        """New tokens per sample (the final EOS not included). input_ids must be LEFT padded.
-        temperature 0: greedy (or beam search when num_beams > 1); > 0: sampling with optional top_k / top_p.
-        Beam search scores a finished hypothesis by sum(log p) / len ** length_penalty and stops a sample once
-        it has num_beams finished ones (transformers' early_stopping=True)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        inj = self.inject_tokens(media, features)  # the encoder runs once per sample, never per beam
-        h, valid = self.embed(input_ids, attention_mask)
-        caches = self.lm.new_caches()
-        logits = self.lm.logits(self.run_layers(h, valid, inj, caches)[:, -1])
-        text_len = attention_mask.sum(1)
-        if num_beams > 1:
-            return self._beam_search(logits, valid, text_len, inj, caches, num_beams, max_new_tokens,
-                                     eos_token_id, length_penalty)
-        B = input_ids.shape[0]
-        out = torch.empty(B, 0, dtype=torch.long, device=input_ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            tok = pick_token(logits.float(), temperature, top_k, top_p)
-            tok = torch.where(done, eos_token_id, tok)
-            out, done = torch.cat([out, tok[:, None]], 1), done | (tok == eos_token_id)
-            if done.all():
-                break
-            logits, valid = self._step(tok, valid, text_len, inj, caches)
-            text_len = text_len + 1
-        return [until_eos(row, eos_token_id) for row in out.tolist()]
-
-    def _beam_search(self, logits, valid, text_len, inj, caches, num_beams, max_new_tokens, eos,
-                     length_penalty):
-        B, V, nb = logits.shape[0], logits.shape[-1], num_beams
-        expand = torch.arange(B, device=logits.device).repeat_interleave(nb)  # (B*nb,) row of each beam
-        for c in caches:
-            c.reorder(expand)
-        valid, text_len = valid[expand], text_len[expand]
-        inj = None if inj is None else inj[expand]
-        logp = F.log_softmax(logits.float(), -1)[expand]
-        scores = torch.full((B, nb), -1e9, device=logits.device)
-        scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
-        seqs = [[[] for _ in range(nb)] for _ in range(B)]
-        finished = [[] for _ in range(B)]  # per sample: (score, tokens), best first, at most nb
-        for t in range(1, max_new_tokens + 1):
-            total = (logp.view(B, nb, V) + scores[..., None]).view(B, nb * V)
-            top_scores, top_idx = total.topk(2 * nb, dim=1)
-            next_rows, next_toks = [], []
-            for b in range(B):
-                keep, full = [], len(finished[b]) == nb
-                for rank, (s, i) in enumerate(zip(top_scores[b].tolist(), top_idx[b].tolist())):
-                    beam, tok = divmod(i, V)
-                    if tok == eos or t == max_new_tokens:  # a finished hypothesis, if among the best nb
-                        if rank < nb and not full:
-                            hyp = seqs[b][beam] + ([] if tok == eos else [tok])
-                            finished[b].append((s / t ** length_penalty, hyp))
-                    elif len(keep) < nb:
-                        keep.append((s, beam, tok))
-                finished[b] = sorted(finished[b], key=lambda x: -x[0])[:nb]
-                while len(keep) < nb:  # a sample with no live candidate left: pad with dead beams
-                    keep.append((-1e9, 0, eos))
-                seqs[b] = [seqs[b][beam] + [tok] for _, beam, tok in keep]
-                scores[b] = torch.tensor([s for s, _, _ in keep])
-                next_rows += [b * nb + beam for _, beam, _ in keep]
-                next_toks += [tok for _, _, tok in keep]
-            if all(len(f) == nb for f in finished) or t == max_new_tokens:
-                break
-            rows = torch.tensor(next_rows, device=logits.device)
-            for c in caches:
-                c.reorder(rows)
-            logits, valid = self._step(torch.tensor(next_toks, device=logits.device), valid[rows],
-                                       text_len[rows], None if inj is None else inj[rows], caches)
-            text_len = text_len[rows] + 1
-            logp = F.log_softmax(logits.float(), -1)
-        return [f[0][1] for f in finished]
-
-
-def pick_token(logits, temperature=0.0, top_k=None, top_p=None) -> torch.Tensor:
-    """Greedy when temperature is 0, else a sample from the tempered, top-k / nucleus-filtered distribution."""
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
-
-
-def until_eos(tokens: list[int], eos: int) -> list[int]:
-    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+                 temperature=0.0, top_k=None, top_p=None, eos_token_id=None, features=None,
+                 length_penalty=1.0, compile=False, all_done=None) -> list[list[int]]:
+        """New tokens per sample (the final EOS not included); input_ids LEFT padded. Greedy (temperature 0),
+        sampling (temperature > 0, optional top_k / top_p) or beam search (num_beams > 1, exactly transformers'
+        with early_stopping=True): see generate.py. The encoder runs once per sample, never per beam."""
+        return generate.generate(self, media, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                 num_beams=num_beams, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 eos_token_id=eos_token_id, features=features, length_penalty=length_penalty,
+                                 compile=compile, all_done=all_done)
 
 
 # ---- backbones, and a model rebuilt from an adaptation checkpoint (its file format: hub.py) ----

@@ -77,43 +77,47 @@ OFFICIAL_SIZES = {
 }
 
 
+def causal_mask(valid: Tensor, query_pos: Tensor) -> Tensor:
+    """Bool (B, 1, T, S) mask, True = may attend: keys are positions 0..S-1 and valid (B, S) says which exist;
+    the query at query_pos[t] sees the valid keys at or before it, and always its own key, so that a padded
+    query row softmaxes over something, not NaN."""
+    key_pos = torch.arange(valid.shape[1], device=valid.device)
+    q = query_pos[:, None]
+    return (valid[:, None, None, :] & (key_pos <= q)) | (key_pos == q)
+
+
 @dataclass
 class KVCache:
-    k: Tensor | None = None  # (B, H, S, head_dim)
-    v: Tensor | None = None
+    """Keys and values of every layer, preallocated for a whole generation: (layers, rows, heads, slots,
+    head_dim). Written in place at given slots (a LongTensor, so a compiled step sees a tensor, not an int) and
+    reordered in place: the buffers keep their addresses, as CUDA graphs need. Unwritten slots hold zeros, not
+    garbage: a masked key still multiplies its value by 0, and 0 * NaN is NaN."""
+    k: Tensor
+    v: Tensor
 
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+    @classmethod
+    def zeros(cls, config: OPTConfig, rows: int, slots: int, dtype=None, device=None) -> "KVCache":
+        shape = (config.num_hidden_layers, rows, config.num_attention_heads, slots,
+                 config.hidden_size // config.num_attention_heads)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+    def layer(self, i: int) -> "KVCache":
+        return KVCache(self.k[i], self.v[i])  # views: writes land in the shared buffers
+
+    def rows(self, n: int) -> "KVCache":
+        return KVCache(self.k[:, :n], self.v[:, :n])
+
+    def write(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (rows, heads, len(slots), head_dim) at slots; returns the whole buffers to attend over."""
+        self.k.index_copy_(-2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(-2, slots, v.to(self.v.dtype))
         return self.k, self.v
 
-    def reorder(self, index: Tensor) -> None:
-        if self.k is not None:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
-
-
-def causal_mask(attention_mask: Tensor | None, new_tokens: int, cached: int = 0, device=None) -> Tensor:
-    """Bool (B or 1, 1, T, S) mask, True = may attend: causal, minus padded keys, plus every query's own key.
-
-    attention_mask is a (B, S) 0/1 tensor over cached + new tokens (S = cached + T), or None for no padding.
-    The diagonal stays open even on a pad so a fully padded query row softmaxes over something, not NaN."""
-    total = cached + new_tokens
-    if attention_mask is not None:
-        if attention_mask.shape[1] != total:
-            raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns, expected cached {cached} + "
-                             f"new {new_tokens} = {total}")
-        device = attention_mask.device
-    query_pos = torch.arange(cached, total, device=device)[:, None]
-    key_pos = torch.arange(total, device=device)[None, :]
-    mask = (key_pos <= query_pos)[None, None]
-    if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, None, :]
-        mask = mask | (key_pos == query_pos)
-    return mask
+    def reorder(self, index: Tensor, start: int = 0, end: int | None = None) -> None:
+        """Row r takes row index[r]'s keys and values, in slots [start, end) only."""
+        for buf in (self.k, self.v):
+            part = buf[..., start:end, :]
+            part.copy_(part.index_select(-4, index))
 
 
 class Block(nn.Module):
@@ -132,25 +136,22 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(config.ffn_dim, d, bias=bias)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
 
-    def attention(self, x: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def attention(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, slots: Tensor | None) -> Tensor:
         B, T, C = x.shape
         q, k, v = (proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        cached = 0
-        if cache is not None:
-            cached = cache.length
-            k, v = cache.append(k, v)
-        if mask is None and cached > 0 and T > 1:  # is_causal aligns top-left, wrong once keys outnumber queries
-            mask = causal_mask(None, T, cached, device=x.device)
-        is_causal = mask is None and cached == 0 and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        if cache is not None:  # attend over every slot of the cache; the mask says which are there yet
+            k, v = cache.write(slots, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+                slots: Tensor | None = None) -> Tensor:
+        """x: new positions, stored at `slots` of the cache if there is one; mask None: causal over x alone."""
         if self.pre_norm:
-            x = x + self.attention(self.self_attn_layer_norm(x), mask, cache)
+            x = x + self.attention(self.self_attn_layer_norm(x), mask, cache, slots)
             return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
-        x = self.self_attn_layer_norm(x + self.attention(x, mask, cache))  # opt-350m: post-LayerNorm
+        x = self.self_attn_layer_norm(x + self.attention(x, mask, cache, slots))  # opt-350m: post-LayerNorm
         return self.final_layer_norm(x + self.fc2(self.activation(self.fc1(x))))
 
 
@@ -181,27 +182,21 @@ class OPT(nn.Module):
     def logits(self, h: Tensor) -> Tensor:
         return F.linear(self.project_out(self.final_layer_norm(h)), self.embed_tokens.weight)
 
-    def new_caches(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                caches: list[KVCache] | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits of every position, without a cache (generation lives in generate.py)."""
         B, T = input_ids.shape
-        if caches is not None and len(caches) != len(self.layers):
-            raise ValueError(f"caches has {len(caches)} entries, the model has {len(self.layers)} layers")
-        cached = caches[0].length if caches is not None else 0
-        if attention_mask is None:
-            position_ids = torch.arange(cached, cached + T, device=input_ids.device).expand(B, T)
-            mask = None  # plain causal; Block handles the cache offset
-        else:
-            position_ids = self.position_ids(attention_mask)[:, cached:]
-            mask = causal_mask(attention_mask, T, cached)
-        if cached + T > self.config.max_position_embeddings:  # bound on the positions, without a device sync
-            raise ValueError(f"sequence of {cached + T} tokens exceeds max_position_embeddings "
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
+        if attention_mask is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            mask = None  # plain causal
+        else:
+            position_ids = self.position_ids(attention_mask)
+            mask = causal_mask(attention_mask.bool(), torch.arange(T, device=input_ids.device))
         x = self.project_in(self.embed_tokens(input_ids)) + self.positions(position_ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, caches[i] if caches is not None else None)
+        for layer in self.layers:
+            x = layer(x, mask)
         return self.logits(x)
 
     @classmethod

@@ -66,67 +66,37 @@ def test_left_padding_equals_no_padding(kw, tmp_path):
     assert (padded[1, 4:] - alone[0]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("kw", [PRE_LN, POST_LN_350M], ids=["pre-ln", "350m-style"])
-def test_kv_cache_decoding_equals_full_forward(kw, tmp_path):
-    ref = reference(kw, tmp_path)
-    model = OPT.from_pretrained(str(tmp_path))
-    ids, mask = batch(kw["vocab_size"])
-    prefill = 5
-    with torch.no_grad():
-        want = ref(ids, attention_mask=mask).logits
-        real = mask.bool()
-        # left padded: prefill, then one token at a time with the growing mask
-        caches = model.new_caches()
-        steps = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], caches=caches)]
-        for t in range(prefill, ids.shape[1]):
-            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], caches=caches))
-        got = torch.cat(steps, dim=1)
-        assert caches[0].k.shape == (3, kw["num_attention_heads"], ids.shape[1], 8 if kw is PRE_LN else 12)
-        assert (got[real] - want[real]).abs().max() < 1e-4
-        # no mask: prefill, a chunk of two new tokens (offset causal mask), then single tokens
-        want = ref(ids[:1, 3:]).logits
-        caches = model.new_caches()
-        plain = ids[:1, 3:]
-        got = torch.cat([model(plain[:, :2], caches=caches), model(plain[:, 2:4], caches=caches)]
-                        + [model(plain[:, t:t + 1], caches=caches) for t in range(4, plain.shape[1])], dim=1)
-        assert (got - want).abs().max() < 1e-4
-
-
-def test_cache_reorder_follows_beams(tmp_path):
-    reference(PRE_LN, tmp_path)
-    model = OPT.from_pretrained(str(tmp_path))
-    ids, mask = batch(PRE_LN["vocab_size"])
-    index = torch.tensor([2, 2, 0])
-    with torch.no_grad():
-        want = model(ids[index], attention_mask=mask[index])[:, -1]
-        caches = model.new_caches()
-        model(ids[:, :-1], attention_mask=mask[:, :-1], caches=caches)
-        for cache in caches:
-            cache.reorder(index)
-        got = model(ids[index, -1:], attention_mask=mask[index], caches=caches)[:, -1]
-    assert (got - want).abs().max() < 1e-4
-
-
 def test_position_ids_and_mask_known_values():
     attention_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert OPT.position_ids(attention_mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
-    # last two of four tokens are new, two are cached; a pad query keeps its own key open
-    mask = causal_mask(attention_mask, new_tokens=2, cached=2)
+    # queries at positions 2 and 3 of four keys; a pad query keeps its own key open
+    mask = causal_mask(attention_mask.bool(), torch.tensor([2, 3]))
     assert mask.shape == (2, 1, 2, 4)
     assert mask[0, 0].int().tolist() == [[0, 0, 1, 0], [0, 0, 1, 1]]
     assert mask[1, 0].int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
-    mask = causal_mask(torch.tensor([[0, 0, 1]]), new_tokens=3)
+    mask = causal_mask(torch.tensor([[False, False, True]]), torch.arange(3))
     assert mask[0, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
-    with pytest.raises(ValueError, match="attention_mask"):
-        causal_mask(attention_mask, new_tokens=3, cached=2)
 
 
-def test_kv_cache_append_concatenates():
-    cache, a, b = KVCache(), torch.randn(2, 3, 4, 5), torch.randn(2, 3, 1, 5)
-    k, v = cache.append(a, a + 1)
-    k, v = cache.append(b, b + 1)
-    assert torch.equal(k, torch.cat([a, b], 2)) and torch.equal(v, torch.cat([a, b], 2) + 1)
-    assert cache.length == 5
+def test_kv_cache_writes_and_reorders_in_place():
+    config = OPTConfig(**{**PRE_LN, "num_hidden_layers": 3})
+    cache = KVCache.zeros(config, rows=4, slots=6)
+    assert cache.k.shape == (3, 4, 4, 6, 8) and not cache.k.any()
+    addresses = cache.k.data_ptr(), cache.v.data_ptr()
+    k, v = torch.randn(4, 4, 2, 8), torch.randn(4, 4, 2, 8)
+    layer = cache.layer(1)
+    got_k, got_v = layer.write(torch.tensor([2, 3]), k, v)
+    assert got_k.shape == (4, 4, 6, 8) and torch.equal(got_k[:, :, 2:4], k) and torch.equal(got_v[:, :, 2:4], v)
+    assert torch.equal(cache.k[1, :, :, 2:4], k) and not cache.k[[0, 2]].any() and not cache.k[1, :, :, 4:].any()
+    before = cache.k.clone()
+    cache.reorder(torch.tensor([3, 3, 0, 1]), start=3, end=5)  # only slots 3 and 4 follow the new rows
+    assert torch.equal(cache.k[:, :, :, 3:5], before[:, [3, 3, 0, 1], :, 3:5])
+    assert torch.equal(cache.k[:, :, :, :3], before[:, :, :, :3])
+    assert torch.equal(cache.k[:, :, :, 5:], before[:, :, :, 5:])
+    assert (cache.k.data_ptr(), cache.v.data_ptr()) == addresses
+    part = cache.rows(2)  # the first rows, as views
+    part.layer(0).write(torch.tensor([0]), torch.ones(2, 4, 1, 8), torch.ones(2, 4, 1, 8))
+    assert cache.k[0, :2, :, 0].eq(1).all() and not cache.k[0, 2:, :, 0].any()
 
 
 def test_bare_decoder_prefix_and_lm_head_load(tmp_path):

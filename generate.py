@@ -1,0 +1,231 @@
+"""Generation for eP-ALM: a prefill, a one-token decode step, and greedy / sampling / beam search over them.
+
+The KV cache is preallocated for the whole generation (opt.KVCache) and written in place at tensor slots, so the
+decode step has static shapes and can be compiled (`compile=True`: torch.compile, with CUDA graphs on CUDA).
+Beam search runs as tensor operations over (batch, beams), with no Python loop over samples or candidates and no
+host round trip per step beyond the "all done?" check. Its results are exactly transformers' beam search with
+early_stopping=True: top 2 x beams candidates over beams x vocab, the best `beams` that do not end go on, those
+among the best `beams` that end (EOS, or the last step) join the finished ones, scored sum(log p) / length **
+length_penalty, and a sample stops taking new ones when it has `beams` of them.
+
+Slots of the sequence (one cache row per sample, or per beam): [media] [prompt x P] [text x T] [generated ...];
+slot 0 is written only by the layers that see the media token. The model argument is duck-typed (model.py's
+EPALM: inject_tokens, embed, run_layers, lm, config); this file does not import model.py.
+
+References: pytorch-labs/gpt-fast generate.py (prefill, decode_one_token, compile with mode="reduce-overhead");
+transformers' GenerationMixin._beam_search (the semantics matched here, checked by tests/test_generate.py).
+"""
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from opt import KVCache
+
+NEG = -1.0e9  # transformers' "impossible" score: the same constant, so ties break the same way
+
+
+def prefill(model, input_ids, attention_mask, inj, cache: KVCache, max_new_tokens: int):
+    """The prompt and text (and media, if inj) into the cache. Returns the next-token logits (B, vocab) and the
+    key mask over every slot of the cache (generated slots valid from the start: causality hides the future)."""
+    h, valid = model.embed(input_ids, attention_mask, media=inj is not None)
+    valid = F.pad(valid, (0, max_new_tokens), value=True)
+    slots = torch.arange(1, h.shape[1] + 1, device=h.device)
+    return model.lm.logits(model.run_layers(h, valid, inj, cache, slots)[:, -1]), valid
+
+
+def decode_one_token(model, cache: KVCache, tokens, positions, slot, valid):
+    """One new token per row (tokens, positions: (N,)) stored at cache slot `slot` (1,); returns (N, vocab)
+    logits. Static shapes: every argument keeps its shape from step to step."""
+    lm = model.lm
+    h = lm.project_in(lm.embed_tokens(tokens[:, None])) + lm.positions(positions[:, None])
+    return lm.logits(model.run_layers(h, valid, None, cache, slot)[:, -1])
+
+
+_compiled = {}
+_kept_caches = weakref.WeakKeyDictionary()  # model -> its KV cache, kept between calls when compiled
+
+
+def new_cache(model, rows: int, slots: int, dtype, device, keep: bool) -> KVCache:
+    """A zeroed KV cache; with keep (compiled steps), the same buffers again on each call of the same shape, so
+    that CUDA graphs replay against the addresses they recorded (as gpt-fast's setup_caches), marked static."""
+    old = _kept_caches.get(model) if keep else None
+    if old is not None and old.k.shape[1] == rows and old.k.shape[3] == slots and old.k.dtype == dtype \
+            and old.k.device == device:
+        return old  # what it holds from the last call is finite, and every slot is written before it is read
+    cache = KVCache.zeros(model.lm.config, rows, slots, dtype, device)
+    if keep:
+        torch._dynamo.mark_static_address(cache.k)
+        torch._dynamo.mark_static_address(cache.v)
+        _kept_caches[model] = cache
+    return cache
+
+
+def decode_step(compile: bool, device: torch.device):
+    """The decode step, eager or compiled once per device type (torch.compile caches what it compiles, per
+    model and shape; static shapes, and CUDA graphs on CUDA, where per-step launch overhead is what matters)."""
+    if not compile:
+        return decode_one_token
+    if device.type not in _compiled:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _compiled[device.type] = torch.compile(decode_one_token, mode=mode, dynamic=False, fullgraph=True)
+    return _compiled[device.type]
+
+
+def stop_check(device: torch.device, all_done=None):
+    """check(done: 0-d bool tensor) -> stop? With all_done (e.g. an all-reduce across ranks), stop only when it
+    says so. On CUDA the flag read is the previous step's, copied without blocking, so the host never waits for
+    the step it has just launched; at worst one extra step runs, which changes no result."""
+    pending = []
+
+    def check(done):
+        if device.type != "cuda":
+            local = bool(done)
+        else:
+            event = torch.cuda.Event()
+            pending.append((done.to("cpu", non_blocking=True), event))
+            event.record()
+            local = False
+            if len(pending) == 2:
+                flag, event = pending.pop(0)
+                event.synchronize()
+                local = bool(flag)
+        return all_done(local) if all_done is not None else local
+    return check
+
+
+@torch.no_grad()
+def generate(model, media=None, input_ids=None, attention_mask=None, *, max_new_tokens=30, num_beams=1,
+             temperature=0.0, top_k=None, top_p=None, eos_token_id=None, features=None, length_penalty=1.0,
+             compile=False, all_done=None) -> list[list[int]]:
+    """New tokens per sample (the final EOS not included); input_ids LEFT padded.
+    temperature 0: greedy, or beam search when num_beams > 1; > 0: sampling with optional top_k / top_p.
+    eos_token_id None: the LM's. all_done: see stop_check. Rows already finished are fed EOS (greedy, sampling)
+    or keep their beams (beam search) until every row is, so all of them run the same steps."""
+    lm = model.lm
+    eos = lm.config.eos_token_id if eos_token_id is None else eos_token_id
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    B, T = input_ids.shape
+    if T + max_new_tokens > lm.config.max_position_embeddings:  # a bound known without a device sync
+        raise ValueError(f"{T} input + {max_new_tokens} new tokens exceed max_position_embeddings "
+                         f"{lm.config.max_position_embeddings}")
+    beams = num_beams if num_beams > 1 else 1
+    inj = model.inject_tokens(media, features)  # the encoder runs once per sample, never per beam
+    start = 1 + model.config.prompt_length + T  # the first generated token's slot
+    device = input_ids.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+        else lm.embed_tokens.weight.dtype  # what the layers' key and value projections will output
+    cache = new_cache(model, B * beams, start + max_new_tokens, dtype, device, keep=compile)
+    logits, valid = prefill(model, input_ids, attention_mask, inj, cache.rows(B), max_new_tokens)
+    # rows are beam-major (row = beam * B + sample): the prefill filled beam 0, the other beams copy its slots
+    for buf in (cache.k, cache.v):
+        buf.view(-1, beams, B, *buf.shape[2:])[:, 1:, :, :, :start] = buf[:, None, :B, :, :start]
+    run = Decoder(model, cache, valid.repeat(beams, 1), attention_mask.sum(1).repeat(beams),
+                  torch.tensor([start], device=device), decode_step(compile, device), stop_check(device, all_done))
+    if beams > 1:
+        return beam_search(logits, run, B, beams, max_new_tokens, eos, length_penalty, start)
+    return greedy_or_sample(logits, run, B, max_new_tokens, eos, temperature, top_k, top_p)
+
+
+@dataclass
+class Decoder:
+    """What each decode step needs: tokens go in at `slot` (1,) with text positions `positions` (N,)."""
+    model: object
+    cache: KVCache
+    valid: torch.Tensor
+    positions: torch.Tensor
+    slot: torch.Tensor
+    step: Callable
+    check: Callable
+
+
+def advance(run: Decoder, tokens):
+    """Feed tokens (N,) at the current slot; returns their next-token logits (N, vocab)."""
+    if run.cache.k.is_cuda:
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: their memory is free
+    logits = run.step(run.model, run.cache, tokens, run.positions, run.slot, run.valid)
+    run.positions, run.slot = run.positions + 1, run.slot + 1
+    return logits
+
+
+def greedy_or_sample(logits, run, B, max_new_tokens, eos, temperature, top_k, top_p):
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=logits.device)
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    steps = max_new_tokens
+    for t in range(max_new_tokens):
+        tok = pick_token(logits.float(), temperature, top_k, top_p)
+        tok = torch.where(done, eos, tok)
+        out[:, t] = tok
+        done = done | (tok == eos)
+        if t == max_new_tokens - 1 or run.check(done.all()):
+            steps = t + 1
+            break
+        logits = advance(run, tok)
+    return [until_eos(row, eos) for row in out[:, :steps].tolist()]
+
+
+def beam_search(logits, run, B, nb, max_new_tokens, eos, length_penalty, start):
+    """transformers' beam search (early_stopping=True) over (B, nb) tensors; see the file's docstring."""
+    device, V = logits.device, logits.shape[-1]
+    logp = F.log_softmax(logits.float(), -1)[:, None]  # (B, 1, V): every beam starts from the same logits
+    run_scores = torch.full((B, nb), NEG, device=device)
+    run_scores[:, 0] = 0.0  # all beams are identical: only the first one expands
+    run_seqs = torch.zeros(B, nb, max_new_tokens, dtype=torch.long, device=device)
+    fin_scores = torch.full((B, nb), NEG, device=device)
+    fin_seqs, fin_len = run_seqs.clone(), torch.zeros(B, nb, dtype=torch.long, device=device)
+    fin = torch.zeros(B, nb, dtype=torch.bool, device=device)
+    among_best = torch.arange(2 * nb, device=device) < nb  # only the best nb candidates may finish
+    sample = torch.arange(B, device=device)
+    for t in range(1, max_new_tokens + 1):
+        top_scores, top_idx = (logp + run_scores[..., None]).reshape(B, nb * V).topk(2 * nb)
+        parent, tok = top_idx // V, top_idx % V
+        seqs = run_seqs.gather(1, parent[..., None].expand(-1, -1, max_new_tokens))
+        seqs[:, :, t - 1] = tok
+        ends = tok == eos if t < max_new_tokens else torch.ones_like(tok, dtype=torch.bool)
+        # the best nb candidates that do not end go on
+        alive = top_scores + ends.float() * NEG
+        keep = alive.topk(nb).indices
+        run_scores, parent, next_tok = alive.gather(1, keep), parent.gather(1, keep), tok.gather(1, keep)
+        run_seqs = seqs.gather(1, keep[..., None].expand(-1, -1, max_new_tokens))
+        # the best nb that end join the finished ones, unless the sample already has nb (early_stopping=True)
+        just = ends & among_best
+        score = top_scores / (t ** length_penalty)
+        score = score + fin.all(1, keepdim=True).float() * NEG
+        score = score + (~just).float() * NEG
+        order = torch.cat([fin_scores, score], 1).topk(nb).indices
+        fin_scores = torch.cat([fin_scores, score], 1).gather(1, order)
+        fin_seqs = torch.cat([fin_seqs, seqs], 1).gather(1, order[..., None].expand(-1, -1, max_new_tokens))
+        fin_len = torch.cat([fin_len, t - (tok == eos).long()], 1).gather(1, order)
+        fin = torch.cat([fin, just], 1).gather(1, order)
+        if t == max_new_tokens or run.check(fin.all()):
+            break
+        # beam j of sample b continues beam parent[b, j]: its generated slots move along (the rest are shared)
+        rows = (parent.T * B + sample).reshape(-1)
+        run.cache.reorder(rows, start, start + t - 1)
+        logits = advance(run, next_tok.T.reshape(-1))
+        logp = F.log_softmax(logits.float(), -1).view(nb, B, V).transpose(0, 1)
+    best, length = fin_seqs[:, 0].tolist(), fin_len[:, 0].tolist()
+    return [seq[:n] for seq, n in zip(best, length)]
+
+
+def pick_token(logits, temperature=0.0, top_k=None, top_p=None) -> torch.Tensor:
+    """Greedy when temperature is 0, else a sample from the tempered, top-k / nucleus-filtered distribution."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
