@@ -236,7 +236,8 @@ def cached_features(model, examples: list[Example], transform: MediaTransform, c
         feats = model.encode(torch.stack(ok).to(device)).float().cpu() if ok else None
         if k is None:
             continue
-        blank = torch.full((model.config.num_levels, model.encoder.hidden_size), float("nan"))
+        blank = torch.full(feats.shape[1:] if feats is not None else
+                           (model.config.num_levels, model.encoder.hidden_size), float("nan"))
         rows = iter(feats if feats is not None else [])
         parts[k] = torch.stack([next(rows) if x is not None else blank for x in inputs])
     if world > 1:

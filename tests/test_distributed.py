@@ -80,3 +80,16 @@ def test_feature_cache_is_shared_and_equals_one_process(tiny_backbones, tmp_path
     # a second run finds the cache: no encoding
     p = run(tiny_backbones, tmp_path / "b" / "run", *flags, procs=2)
     assert "encoding media" not in p.stderr
+
+
+def test_each_process_takes_every_world_th_batch(monkeypatch):
+    """The split itself: 5 batches over 2 processes are 0, 2, 4 and 1, 3; under FSDP the second process adds a
+    repeat (None) so that both run three forwards."""
+    import importlib
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    train = importlib.import_module("train")
+    for rank, fsdp, want in [(0, False, [0, 2, 4]), (1, False, [1, 3]), (1, True, [1, 3, None]), (0, True, [0, 2, 4])]:
+        monkeypatch.setattr(train, "rank", rank)
+        monkeypatch.setattr(train, "world", 2)
+        monkeypatch.setattr(train, "fsdp", fsdp)
+        assert train.my_batches(5) == want
