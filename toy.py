@@ -272,14 +272,14 @@ def train_tokenizer(docs: list[str], folder: Path, vocab_size: int = 512) -> Non
     tokenizer.save_model(str(folder))
 
 
-def encode_docs(tokenizer, docs: list[str], pad_id: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (N, T) ids and their 0/1 attention mask."""
+def encode_docs(tokenizer, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (N, T) ids (the tokenizer's <pad>) and their 0/1 attention mask."""
     ids = [e.ids for e in tokenizer.encode_batch(docs)]
-    T = max(map(len, ids))
-    out = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    out = torch.full((len(ids), max(map(len, ids))), tokenizer.token_to_id("<pad>"), dtype=torch.long)
+    mask = torch.zeros_like(out)
     for i, row in enumerate(ids):
-        out[i, :len(row)] = torch.tensor(row)
-    return out, (out != pad_id).long()
+        out[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    return out, mask
 
 
 def cosine_lr(step: int, steps: int, lr: float, warmup: int) -> float:
