@@ -38,17 +38,18 @@ from opt import OPT, OPTConfig
 from timesformer import TimeSformer
 from vit import ViT, ViTConfig
 
-# per mode: which LMs, batch sizes, repeats. quick and tiny keep every section but shrink what is slow on 2 cores.
+# per mode: which LMs, batch sizes, repeats (gen_lms: LM, batch, repeats for generation). quick and tiny keep every
+# section but shrink what is slow on 2 cores.
 MODES = {
     "tiny": dict(lms=["tiny"], encoders=["tiny"], lm_batch=2, text=8, vit_batch=2, ast_batch=1, video_batch=1,
-                 step_batch=2, prompt=2, levels=2, repeats=1, gen_lms=[("tiny", 2), ("small", 2)], gen_prompt=4,
-                 gen_new=4, gen_repeats=1, compile=False, matmul_n=128),
+                 step_batch=2, prompt=2, levels=2, repeats=1, gen_lms=[("tiny", 2, 1), ("small", 2, 1)],
+                 gen_prompt=4, gen_new=4, compile=False, matmul_n=128),
     "quick": dict(lms=["opt-125m"], encoders=["base"], lm_batch=8, text=32, vit_batch=2, ast_batch=1,
                   video_batch=1, step_batch=4, prompt=10, levels=6, repeats=2, gen_prompt=8, gen_new=30,
-                  gen_lms=[("opt-125m", 8), ("small", 16)], gen_repeats=5, compile=False, matmul_n=1024),
+                  gen_lms=[("opt-125m", 8, 2), ("small", 16, 15)], compile=False, matmul_n=1024),
     "full": dict(lms=["opt-125m", "opt-350m"], encoders=["base"], lm_batch=8, text=32, vit_batch=8, ast_batch=2,
                  video_batch=1, step_batch=8, prompt=10, levels=6, repeats=5, gen_prompt=8, gen_new=30,
-                 gen_lms=[("opt-125m", 8), ("small", 16)], gen_repeats=9, compile=True, matmul_n=2048),
+                 gen_lms=[("opt-125m", 8, 5), ("small", 16, 25)], compile=True, matmul_n=2048),
 }
 TINY_OPT = dict(vocab_size=512, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
                 max_position_embeddings=128, word_embed_proj_dim=32)
@@ -380,15 +381,15 @@ def bench_generate(mode: dict, device: str, notes: list) -> dict:
     media, no soft prompt, no EOS so both do exactly gen_new steps), at (a) a real LM's shapes and (b) a small LM
     (2 layers, width 128, vocab 5,000, batch 16), where the step is small and per-step overhead shows."""
     out = {}
-    for name, batch in mode["gen_lms"]:
+    for name, batch, repeats in mode["gen_lms"]:  # small steps are noisy: more repeats
         lm, ref = build_pair("opt", name, device)
         model = lm_only(lm)
         torch.manual_seed(1)
         ids = torch.randint(4, lm.config.vocab_size, (batch, mode["gen_prompt"]), device=device)
         mask = torch.ones_like(ids)
         for label, beams in (("greedy", 1), ("beam3", 3)):
-            out[f"{name} {label}"] = compare_generation(model, ref, ids, mask, mode["gen_new"], beams,
-                                                        mode["gen_repeats"], device, compile=mode["compile"])
+            out[f"{name} {label}"] = compare_generation(model, ref, ids, mask, mode["gen_new"], beams, repeats,
+                                                        device, compile=mode["compile"])
         del lm, ref, model
     notes.append("generate: ours eager (and compiled, full mode) vs transformers' generate, same weights, no EOS; "
                  "the small LM's step is a few small matmuls, so per-step overhead weighs most there")

@@ -103,7 +103,8 @@ def generate(model, media=None, input_ids=None, attention_mask=None, *, max_new_
              temperature=0.0, top_k=None, top_p=None, eos_token_id=None, features=None, length_penalty=1.0,
              compile=False, all_done=None) -> list[list[int]]:
     """New tokens per sample (the final EOS not included); input_ids LEFT padded.
-    temperature 0: greedy, or beam search when num_beams > 1; > 0: sampling with optional top_k / top_p.
+    temperature 0: greedy, or beam search when num_beams > 1 (which ignores temperature, top_k and top_p);
+    > 0: sampling with optional top_k / top_p.
     eos_token_id None: the LM's. all_done: see stop_check. Rows already finished are fed EOS (greedy, sampling)
     or keep their beams (beam search) until every row is, so all of them run the same steps."""
     lm = model.lm
@@ -173,7 +174,7 @@ def greedy_or_sample(logits, run, B, max_new_tokens, eos, temperature, top_k, to
 def beam_search(logits, run, B, nb, max_new_tokens, eos, length_penalty, start):
     """transformers' beam search (early_stopping=True) over (B, nb) tensors; see the file's docstring."""
     device, V, M = logits.device, logits.shape[-1], max_new_tokens
-    logp = F.log_softmax(logits.float(), -1)[:, None].repeat(1, nb, 1)  # every beam starts from the same
+    logp = F.log_softmax(logits.float(), -1)[:, None]  # (B, 1, V): every beam starts from the same logits
     run_scores = torch.full((B, nb), NEG, device=device)
     run_scores[:, 0] = 0.0  # all beams are identical: only the first one expands
     run_seqs = torch.zeros(B, nb, M, dtype=torch.long, device=device)
@@ -183,7 +184,7 @@ def beam_search(logits, run, B, nb, max_new_tokens, eos, length_penalty, start):
     among_best = torch.arange(2 * nb, device=device) < nb  # only the best nb candidates may finish
     first_row = torch.arange(B, device=device)[:, None] * nb
     for t in range(1, M + 1):
-        top_scores, top_idx = logp.add_(run_scores[..., None]).view(B, nb * V).topk(2 * nb)
+        top_scores, top_idx = (logp + run_scores[..., None]).view(B, nb * V).topk(2 * nb)
         parent, tok = top_idx // V, top_idx % V
         seqs = run_seqs.gather(1, parent[..., None].expand(-1, -1, M))
         seqs[:, :, t - 1] = tok
