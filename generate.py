@@ -174,7 +174,7 @@ def greedy_or_sample(logits, run, B, max_new_tokens, eos, temperature, top_k, to
 def beam_search(logits, run, B, nb, max_new_tokens, eos, length_penalty, start):
     """transformers' beam search (early_stopping=True) over (B, nb) tensors; see the file's docstring."""
     device, V, M = logits.device, logits.shape[-1], max_new_tokens
-    logp = F.log_softmax(logits.float(), -1)[:, None]  # (B, 1, V): every beam starts from the same logits
+    logp = F.log_softmax(logits.float(), -1)[:, None].repeat(1, nb, 1)  # every beam starts from the same
     run_scores = torch.full((B, nb), NEG, device=device)
     run_scores[:, 0] = 0.0  # all beams are identical: only the first one expands
     run_seqs = torch.zeros(B, nb, M, dtype=torch.long, device=device)
@@ -184,7 +184,8 @@ def beam_search(logits, run, B, nb, max_new_tokens, eos, length_penalty, start):
     among_best = torch.arange(2 * nb, device=device) < nb  # only the best nb candidates may finish
     first_row = torch.arange(B, device=device)[:, None] * nb
     for t in range(1, M + 1):
-        top_scores, top_idx = (logp + run_scores[..., None]).view(B, nb * V).topk(2 * nb)
+        top_scores, top_idx = logp.add_(run_scores[..., None]).view(B, nb * V).topk(2 * nb)  # in place:
+        # a fresh (B, nb, V) tensor each step costs more than the add on a CPU (new pages to fault in)
         parent, tok = top_idx // V, top_idx % V
         seqs = run_seqs.gather(1, parent[..., None].expand(-1, -1, M))
         seqs[:, :, t - 1] = tok
