@@ -156,6 +156,7 @@ def advance(run: Decoder, tokens):
 
 
 def greedy_or_sample(logits, run, B, max_new_tokens, eos, temperature, top_k, top_p):
+    """One token per row and step (pick_token); a finished row is fed EOS until every row is."""
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=logits.device)
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     steps = max_new_tokens
