@@ -8,10 +8,13 @@ ratios mean anything.
   python bench.py --quick            # CPU, < 3 minutes on 2 cores (CI runs `--tiny` through tests/test_bench.py)
   python bench.py                    # CPU, the full set (opt-125m and opt-350m, compile), < 15 minutes
   python bench.py --device cuda      # accelerator: OPT-2.7B + ViT-B and OPT-6.7B + ViT-L, bf16, compile, MFU
+  python bench.py --generation       # only generation (with --device cuda: the accelerator's, batch 1/16/64)
 
 Sections (JSON keys): matmul (this machine's own fp32 matmul FLOP/s), backbones (forward, LM forward+backward),
 train_step (plain / cached encoder features / prompt off / compile, with MFU), generate (greedy and 3 beams vs
-transformers' generate), memory (peak of one training step with frozen weights in bf16 vs fp32), accelerator.
+transformers' generate, at a real LM's shapes and on a small LM where per-step overhead shows), memory (peak of
+one training step with frozen weights in bf16 vs fp32), accelerator (training step; generation with 3 beams, and
+the projected time to caption COCO's 5,000 test images).
 
 References: karpathy/nanoGPT bench.py; PaLM (Chowdhery et al. 2022) appendix B for model FLOPs utilisation.
 """
@@ -28,26 +31,30 @@ import time
 import torch
 import torch.nn.functional as F
 
+import hub
 from ast_audio import AST
 from model import EPALM, EPALMConfig
 from opt import OPT, OPTConfig
 from timesformer import TimeSformer
 from vit import ViT, ViTConfig
 
-# per mode: which LMs, batch sizes, repeats. quick and tiny keep every section but shrink what is slow on 2 cores.
+# per mode: which LMs, batch sizes, repeats (gen_lms: LM, batch, repeats for generation). quick and tiny keep every
+# section but shrink what is slow on 2 cores.
 MODES = {
     "tiny": dict(lms=["tiny"], encoders=["tiny"], lm_batch=2, text=8, vit_batch=2, ast_batch=1, video_batch=1,
-                 step_batch=2, prompt=2, levels=2, repeats=1, gen_batch=2, gen_prompt=4, gen_new=4,
-                 compile=False, matmul_n=128),
+                 step_batch=2, prompt=2, levels=2, repeats=1, gen_lms=[("tiny", 2, 1), ("small", 2, 1)],
+                 gen_prompt=4, gen_new=4, compile=False, matmul_n=128),
     "quick": dict(lms=["opt-125m"], encoders=["base"], lm_batch=8, text=32, vit_batch=2, ast_batch=1,
-                  video_batch=1, step_batch=4, prompt=10, levels=6, repeats=2, gen_batch=8, gen_prompt=8,
-                  gen_new=30, compile=False, matmul_n=1024),
+                  video_batch=1, step_batch=4, prompt=10, levels=6, repeats=2, gen_prompt=8, gen_new=30,
+                  gen_lms=[("opt-125m", 8, 2), ("small", 16, 15)], compile=False, matmul_n=1024),
     "full": dict(lms=["opt-125m", "opt-350m"], encoders=["base"], lm_batch=8, text=32, vit_batch=8, ast_batch=2,
-                 video_batch=1, step_batch=8, prompt=10, levels=6, repeats=5, gen_batch=8, gen_prompt=8,
-                 gen_new=30, compile=True, matmul_n=2048),
+                 video_batch=1, step_batch=8, prompt=10, levels=6, repeats=5, gen_prompt=8, gen_new=30,
+                 gen_lms=[("opt-125m", 8, 5), ("small", 16, 25)], compile=True, matmul_n=2048),
 }
 TINY_OPT = dict(vocab_size=512, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
                 max_position_embeddings=128, word_embed_proj_dim=32)
+SMALL_OPT = dict(vocab_size=5000, hidden_size=128, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4,
+                 max_position_embeddings=128, word_embed_proj_dim=128)  # generation where per-step overhead shows
 TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
 
 
@@ -94,7 +101,7 @@ def hf_config(kind: str, name: str):
     """transformers' config of an official shape ('tiny' for the test's toy size)."""
     import transformers
     if kind == "opt":
-        shape = TINY_OPT if name == "tiny" else {
+        shape = {"tiny": TINY_OPT, "small": SMALL_OPT}.get(name) or {
             k: v for k, v in vars(OPTConfig.from_name(name)).items() if k != "remove_final_layer_norm"}
         return transformers.OPTConfig(**shape, dropout=0.0, attention_dropout=0.0)
     tiny = TINY_ENCODER if name == "tiny" else {}
@@ -324,37 +331,68 @@ def bench_train_step(mode: dict, device: str, notes: list) -> dict:
     return out
 
 
-def bench_generate(mode: dict, device: str) -> dict:
-    """Greedy and 3-beam generation of gen_new tokens for gen_batch prompts, ours vs transformers' generate on the
-    same OPT weights (media None, no soft prompt, no EOS so both do exactly gen_new steps)."""
-    lm, ref = build_pair("opt", mode["lms"][0], device)
-    stub = torch.nn.Linear(1, 1)  # no media in this section: a stand-in encoder for the connector's width
+def lm_only(lm: OPT) -> EPALM:
+    """EPALM with no media and no soft prompt: plain OPT, to generate against transformers' generate."""
+    stub = torch.nn.Linear(1, 1)  # a stand-in encoder for the connector's width: no media in these runs
     stub.hidden_size = 1
-    model = EPALM(lm, stub, EPALMConfig(num_levels=mode["levels"], prompt_length=0)).eval()
-    ref.generation_config.eos_token_id = None
+    return EPALM(lm, stub, EPALMConfig(num_levels=1, prompt_length=0)).eval()
+
+
+def compare_generation(model, ref, ids, mask, new: int, beams: int, repeats: int, device: str = "cpu",
+                       compile: bool = False, extra: dict | None = None) -> dict:
+    """Ours (eager, and compiled if asked) against transformers' generate, alternating; both run exactly `new`
+    steps (no EOS) and the tokens are compared."""
+    got = {}
+    ref.generation_config.eos_token_id = None  # no EOS on either side: both run exactly `new` steps
     ref.generation_config.pad_token_id = 1
-    torch.manual_seed(1)
-    ids = torch.randint(4, lm.config.vocab_size, (mode["gen_batch"], mode["gen_prompt"]), device=device)
-    mask = torch.ones_like(ids)
+
+    def ours(compiled):
+        def run():
+            got["ours_compiled" if compiled else "ours"] = model.generate(
+                None, ids, mask, max_new_tokens=new, num_beams=beams, eos_token_id=-1, compile=compiled)
+        return run
+
+    def theirs():
+        with torch.no_grad():
+            beam_flags = dict(early_stopping=True, length_penalty=1.0) if beams > 1 else {}
+            seq = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, num_beams=beams,
+                               do_sample=False, **beam_flags)
+        got["transformers"] = seq[:, ids.shape[1]:].tolist()
+    fns = {"ours": ours(False), "transformers": theirs, **(extra or {})}
+    row = {"batch": ids.shape[0], "beams": beams, "new_tokens": new}
+    if compile:
+        fns["ours_compiled"] = ours(True)
+        row["compile_time_s"] = timed(fns["ours_compiled"], device)  # the first call compiles
+    t = alternate(fns, repeats, device)
+    for name, s in t.items():
+        row[f"{name}_s"] = s
+        if name in ("ours", "ours_compiled", "transformers", "epalm"):  # the runs that generate
+            row[f"{name}_tokens_per_s"] = ids.shape[0] * new / s
+    row["speedup"] = t["transformers"] / t["ours"]
+    row["same_tokens"] = got["ours"] == got["transformers"]
+    if compile:
+        row["compiled_speedup"] = t["transformers"] / t["ours_compiled"]
+        row["compiled_same_tokens"] = got["ours_compiled"] == got["transformers"]
+    return row
+
+
+def bench_generate(mode: dict, device: str, notes: list) -> dict:
+    """Greedy and 3-beam generation of gen_new tokens, ours vs transformers' generate on the same OPT weights (no
+    media, no soft prompt, no EOS so both do exactly gen_new steps), at (a) a real LM's shapes and (b) a small LM
+    (2 layers, width 128, vocab 5,000, batch 16), where the step is small and per-step overhead shows."""
     out = {}
-    for label, beams in (("greedy", 1), ("beam3", 3)):
-        ours_tokens, ref_tokens = [], []
-
-        def ours():
-            ours_tokens[:] = model.generate(None, ids, mask, max_new_tokens=mode["gen_new"], num_beams=beams,
-                                            eos_token_id=-1)
-
-        def theirs():
-            with torch.no_grad():
-                seq = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=mode["gen_new"],
-                                   num_beams=beams, do_sample=False, early_stopping=False, length_penalty=1.0)
-            ref_tokens[:] = seq[:, ids.shape[1]:].tolist()
-        t = alternate({"ours": ours, "transformers": theirs}, mode["repeats"], device)
-        n_tokens = mode["gen_batch"] * mode["gen_new"]
-        out[label] = {"ours_s": t["ours"], "transformers_s": t["transformers"],
-                      "speedup": t["transformers"] / t["ours"], "ours_tokens_per_s": n_tokens / t["ours"],
-                      "same_tokens": ours_tokens == ref_tokens,
-                      "new_tokens": len(ours_tokens[0])}
+    for name, batch, repeats in mode["gen_lms"]:  # small steps are noisy: more repeats
+        lm, ref = build_pair("opt", name, device)
+        model = lm_only(lm)
+        torch.manual_seed(1)
+        ids = torch.randint(4, lm.config.vocab_size, (batch, mode["gen_prompt"]), device=device)
+        mask = torch.ones_like(ids)
+        for label, beams in (("greedy", 1), ("beam3", 3)):
+            out[f"{name} {label}"] = compare_generation(model, ref, ids, mask, mode["gen_new"], beams, repeats,
+                                                        device, compile=mode["compile"])
+        del lm, ref, model
+    notes.append("generate: ours eager (and compiled, full mode) vs transformers' generate, same weights, no EOS; "
+                 "the small LM's step is a few small matmuls, so per-step overhead weighs most there")
     return out
 
 
@@ -483,6 +521,78 @@ def bench_accelerator(repeats: int, notes: list, device: str = "cuda", pairs=ACC
     return out
 
 
+def lm_pair_shared(name: str, device: str, dtype: torch.dtype):
+    """transformers' OPT with random weights at an official shape, and ours on the very same tensors (renamed in
+    memory, no copy: a 6.7B model twice would not be needed, and writing it to disk would take minutes)."""
+    import transformers
+    cfg = hf_config("opt", name)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            ref = transformers.OPTForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    with torch.device("meta"):
+        lm = OPT(OPTConfig.from_dict(cfg.to_dict()))
+    state = {k.removeprefix("model.").removeprefix("decoder.").replace("self_attn.", ""): v
+             for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    hub.load_weights(lm, state, dtype)
+    return lm.eval(), ref
+
+
+def bench_accelerator_generate(repeats: int, notes: list, device: str = "cuda", pairs=ACCELERATOR_PAIRS,
+                               batches=(1, 16, 64), dtype=torch.bfloat16, beams: int = 3, new: int = 30,
+                               text: int = 8, prompt: int = 10, compile: bool = True, images: int = 5000) -> dict:
+    """Evaluation-style generation on a GPU (3 beams, 30 new tokens, bf16): ours (decode step compiled, CUDA
+    graphs) against transformers' generate on the same LM weights (no media, no prompt, no EOS: tokens compared),
+    then the whole eP-ALM generation (encoder, 10 prompt vectors, injection) and the projected time to caption
+    COCO's 5,000 test images, against transformers' generate plus its ViT forward (it has no injection: a lower
+    bound for an eP-ALM built on it). Worst case: every caption runs all 30 steps."""
+    out = {}
+    for lm_name, vit_name in pairs:
+        lm, ref = lm_pair_shared(lm_name, device, dtype)
+        enc, ref_enc = build_pair("vit", vit_name, device)
+        enc, ref_enc = enc.to(dtype), ref_enc.to(dtype)
+        levels = min(6, enc.config.num_hidden_layers - 1, lm.config.num_hidden_layers - 1)
+        plain = lm_only(lm)
+        torch.manual_seed(0)
+        full = EPALM(lm, enc, EPALMConfig(num_levels=levels, prompt_length=prompt)).to(device).eval()
+        key = f"{lm_name}+vit-{vit_name}"
+        out[key] = {}
+        for B in batches:
+            ids = torch.randint(4, lm.config.vocab_size, (B, text), device=device)
+            mask = torch.ones_like(ids)
+            pixels = torch.randn(B, 3, enc.config.image_size, enc.config.image_size, device=device, dtype=dtype)
+
+            def epalm():
+                full.generate(pixels, ids, mask, max_new_tokens=new, num_beams=beams, eos_token_id=-1,
+                              compile=compile)
+
+            def vit():
+                with torch.no_grad():
+                    ref_enc(pixel_values=pixels)
+            full_compile_s = timed(epalm, device)
+            row = compare_generation(plain, ref, ids, mask, new, beams, repeats, device, compile=compile,
+                                     extra={"epalm": epalm, "transformers_vit": vit})
+            row["epalm_compile_time_s"] = full_compile_s
+            runs = -(-images // B)
+            ours_s = row["epalm_s"]
+            theirs_s = row["transformers_s"] + row["transformers_vit_s"]
+            row.update(coco_ours_s=runs * ours_s, coco_transformers_s=runs * theirs_s,
+                       coco_speedup=theirs_s / ours_s)
+            out[key][f"batch{B}"] = row
+            print(key, f"batch{B}", json.dumps(row), file=sys.stderr, flush=True)  # partial results, if cut off
+        del plain, full, lm, ref, enc, ref_enc
+        torch._dynamo.reset()  # drop this pair's compiled steps (and their CUDA graphs)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    notes.append(f"accelerator generation: {beams} beams, {new} new tokens, no EOS, {dtype}; ours compiled="
+                 f"{compile}; COCO projection = ceil({images} / batch) x one batch's time, encoder included")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 def print_table(results: dict) -> None:
@@ -509,9 +619,10 @@ def print_table(results: dict) -> None:
             line(f"{modality} cached / plain", "", "", f"{r['cached_vs_plain']:.2f}x",
                  f"{r['matmul_gflops']:.0f} GF/s")
     if "generate" in results:
-        line("generate", "ours s", "transformers s", "speedup", "same tokens")
+        line("generate (new tokens x batch)", "ours s", "transformers s", "speedup", "compiled x", "same tokens")
         for name, r in results["generate"].items():
-            line(name, f"{r['ours_s']:.3f}", f"{r['transformers_s']:.3f}", f"{r['speedup']:.2f}",
+            line(f"{name} {r['new_tokens']}x{r['batch']}", f"{r['ours_s']:.4f}", f"{r['transformers_s']:.4f}",
+                 f"{r['speedup']:.2f}", f"{r['compiled_speedup']:.2f}" if "compiled_speedup" in r else "-",
                  str(r["same_tokens"]))
     if "memory" in results:
         m = results["memory"]
@@ -533,6 +644,15 @@ def print_table(results: dict) -> None:
                             if isinstance(v, dict):
                                 line(f"{key} {b} {name}", f"{v['samples_per_s']:.1f}", f"{v['tokens_per_s']:.0f}",
                                      f"{v['tflops']:.0f}", f"{100 * v['mfu']:.0f}%")
+    if "accelerator_generate" in results:
+        line("generation (3 beams, 30 tokens)", "ours tok/s", "transf. tok/s", "speedup", "COCO ours s",
+             "COCO transf. s")
+        for key, per_batch in results["accelerator_generate"].items():
+            for b, r in per_batch.items():
+                best = r.get("ours_compiled_tokens_per_s", r["ours_tokens_per_s"])
+                line(f"{key} {b}", f"{best:.0f}", f"{r['transformers_tokens_per_s']:.0f}",
+                     f"{best / r['transformers_tokens_per_s']:.2f}", f"{r['coco_ours_s']:.0f}",
+                     f"{r['coco_transformers_s']:.0f}")
     for note in results["notes"]:
         print("note:", note)
     print(f"total {results['seconds']:.0f} s")
@@ -544,7 +664,8 @@ def main() -> None:
     group.add_argument("--quick", action="store_true", help="CPU, every section on small batches, < 3 min")
     group.add_argument("--tiny", action="store_true", help="toy shapes, seconds: a smoke test for CI")
     parser.add_argument("--opt-1.3b", dest="opt13", action="store_true", help="full mode: add opt-1.3b")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the accelerator section")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the accelerator sections")
+    parser.add_argument("--generation", action="store_true", help="only the generation section(s)")
     parser.add_argument("--out", default="bench.json", help="where the JSON results go")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODE", "DTYPE"), help=argparse.SUPPRESS)
@@ -566,7 +687,11 @@ def main() -> None:
     results = {"mode": mode_name, "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                "notes": notes}
     if args.device == "cuda":
-        results["accelerator"] = bench_accelerator(mode["repeats"], notes)
+        if not args.generation:
+            results["accelerator"] = bench_accelerator(mode["repeats"], notes)
+        results["accelerator_generate"] = bench_accelerator_generate(mode["repeats"], notes)
+    elif args.generation:
+        results["generate"] = bench_generate(mode, "cpu", notes)
     else:
         flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
         if "avx512_bf16" not in flags and "amx_bf16" not in flags:
@@ -577,7 +702,7 @@ def main() -> None:
         results["matmul"] = {"n": n, "gflops": rate / 1e9}
         results["backbones"] = bench_backbones(mode, "cpu", notes)
         results["train_step"] = bench_train_step(mode, "cpu", notes)
-        results["generate"] = bench_generate(mode, "cpu")
+        results["generate"] = bench_generate(mode, "cpu", notes)
         results["memory"] = bench_memory(mode_name, notes)
     results["seconds"] = time.perf_counter() - t0
     with open(args.out, "w") as f:

@@ -22,12 +22,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import opt
 from opt import KVCache
 
 NEG = -1.0e9  # transformers' "impossible" score: the same constant, so ties break the same way
 
 
-def prefill(model, input_ids, attention_mask, inj, cache: KVCache, max_new_tokens: int):
+def prefill(model, input_ids, attention_mask, inj, cache: list[KVCache], max_new_tokens: int):
     """The prompt and text (and media, if inj) into the cache. Returns the next-token logits (B, vocab) and the
     key mask over every slot of the cache (generated slots valid from the start: causality hides the future)."""
     h, valid = model.embed(input_ids, attention_mask, media=inj is not None)
@@ -36,7 +37,7 @@ def prefill(model, input_ids, attention_mask, inj, cache: KVCache, max_new_token
     return model.lm.logits(model.run_layers(h, valid, inj, cache, slots)[:, -1]), valid
 
 
-def decode_one_token(model, cache: KVCache, tokens, positions, slot, valid):
+def decode_one_token(model, cache: list[KVCache], tokens, positions, slot, valid):
     """One new token per row (tokens, positions: (N,)) stored at cache slot `slot` (1,); returns (N, vocab)
     logits. Static shapes: every argument keeps its shape from step to step."""
     lm = model.lm
@@ -48,17 +49,18 @@ _compiled = {}
 _kept_caches = weakref.WeakKeyDictionary()  # model -> its KV cache, kept between calls when compiled
 
 
-def new_cache(model, rows: int, slots: int, dtype, device, keep: bool) -> KVCache:
+def new_cache(model, rows: int, slots: int, dtype, device, keep: bool) -> list[KVCache]:
     """A zeroed KV cache; with keep (compiled steps), the same buffers again on each call of the same shape, so
     that CUDA graphs replay against the addresses they recorded (as gpt-fast's setup_caches), marked static."""
     old = _kept_caches.get(model) if keep else None
-    if old is not None and old.k.shape[1] == rows and old.k.shape[3] == slots and old.k.dtype == dtype \
-            and old.k.device == device:
+    k = None if old is None else old[0].k
+    if k is not None and (k.shape[0], k.shape[2], k.dtype, k.device) == (rows, slots, dtype, device):
         return old  # what it holds from the last call is finite, and every slot is written before it is read
-    cache = KVCache.zeros(model.lm.config, rows, slots, dtype, device)
+    cache = opt.new_cache(model.lm.config, rows, slots, dtype, device)
     if keep:
-        torch._dynamo.mark_static_address(cache.k)
-        torch._dynamo.mark_static_address(cache.v)
+        for layer in cache:
+            torch._dynamo.mark_static_address(layer.k)
+            torch._dynamo.mark_static_address(layer.v)
         _kept_caches[model] = cache
     return cache
 
@@ -101,7 +103,8 @@ def generate(model, media=None, input_ids=None, attention_mask=None, *, max_new_
              temperature=0.0, top_k=None, top_p=None, eos_token_id=None, features=None, length_penalty=1.0,
              compile=False, all_done=None) -> list[list[int]]:
     """New tokens per sample (the final EOS not included); input_ids LEFT padded.
-    temperature 0: greedy, or beam search when num_beams > 1; > 0: sampling with optional top_k / top_p.
+    temperature 0: greedy, or beam search when num_beams > 1 (which ignores temperature, top_k and top_p);
+    > 0: sampling with optional top_k / top_p.
     eos_token_id None: the LM's. all_done: see stop_check. Rows already finished are fed EOS (greedy, sampling)
     or keep their beams (beam search) until every row is, so all of them run the same steps."""
     lm = model.lm
@@ -119,11 +122,12 @@ def generate(model, media=None, input_ids=None, attention_mask=None, *, max_new_
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else lm.embed_tokens.weight.dtype  # what the layers' key and value projections will output
     cache = new_cache(model, B * beams, start + max_new_tokens, dtype, device, keep=compile)
-    logits, valid = prefill(model, input_ids, attention_mask, inj, cache.rows(B), max_new_tokens)
-    # rows are beam-major (row = beam * B + sample): the prefill filled beam 0, the other beams copy its slots
-    for buf in (cache.k, cache.v):
-        buf.view(-1, beams, B, *buf.shape[2:])[:, 1:, :, :, :start] = buf[:, None, :B, :, :start]
-    run = Decoder(model, cache, valid.repeat(beams, 1), attention_mask.sum(1).repeat(beams),
+    # row = sample * beams + beam: the prefill fills each sample's first beam, the other beams copy its slots
+    logits, valid = prefill(model, input_ids, attention_mask, inj, [c.every(beams) for c in cache], max_new_tokens)
+    for buf in (b for c in cache for b in (c.k, c.v)):
+        rows = buf.view(B, beams, *buf.shape[1:])
+        rows[:, 1:, :, :start] = rows[:, :1, :, :start]
+    run = Decoder(model, cache, valid.repeat_interleave(beams, 0), attention_mask.sum(1).repeat_interleave(beams),
                   torch.tensor([start], device=device), decode_step(compile, device), stop_check(device, all_done))
     if beams > 1:
         return beam_search(logits, run, B, beams, max_new_tokens, eos, length_penalty, start)
@@ -134,7 +138,7 @@ def generate(model, media=None, input_ids=None, attention_mask=None, *, max_new_
 class Decoder:
     """What each decode step needs: tokens go in at `slot` (1,) with text positions `positions` (N,)."""
     model: object
-    cache: KVCache
+    cache: list[KVCache]
     valid: torch.Tensor
     positions: torch.Tensor
     slot: torch.Tensor
@@ -144,7 +148,7 @@ class Decoder:
 
 def advance(run: Decoder, tokens):
     """Feed tokens (N,) at the current slot; returns their next-token logits (N, vocab)."""
-    if run.cache.k.is_cuda:
+    if run.valid.is_cuda:
         torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: their memory is free
     logits = run.step(run.model, run.cache, tokens, run.positions, run.slot, run.valid)
     run.positions, run.slot = run.positions + 1, run.slot + 1
@@ -152,6 +156,7 @@ def advance(run: Decoder, tokens):
 
 
 def greedy_or_sample(logits, run, B, max_new_tokens, eos, temperature, top_k, top_p):
+    """One token per row and step (pick_token); a finished row is fed EOS until every row is."""
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=logits.device)
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     steps = max_new_tokens
@@ -169,44 +174,43 @@ def greedy_or_sample(logits, run, B, max_new_tokens, eos, temperature, top_k, to
 
 def beam_search(logits, run, B, nb, max_new_tokens, eos, length_penalty, start):
     """transformers' beam search (early_stopping=True) over (B, nb) tensors; see the file's docstring."""
-    device, V = logits.device, logits.shape[-1]
-    logp = F.log_softmax(logits.float(), -1)[:, None]  # (B, 1, V): every beam starts from the same logits
+    device, V, M = logits.device, logits.shape[-1], max_new_tokens
+    logp = F.log_softmax(logits.float(), -1)[:, None].repeat(1, nb, 1)  # every beam starts from the same
     run_scores = torch.full((B, nb), NEG, device=device)
     run_scores[:, 0] = 0.0  # all beams are identical: only the first one expands
-    run_seqs = torch.zeros(B, nb, max_new_tokens, dtype=torch.long, device=device)
-    fin_scores = torch.full((B, nb), NEG, device=device)
-    fin_seqs, fin_len = run_seqs.clone(), torch.zeros(B, nb, dtype=torch.long, device=device)
-    fin = torch.zeros(B, nb, dtype=torch.bool, device=device)
+    run_seqs = torch.zeros(B, nb, M, dtype=torch.long, device=device)
+    fin_scores, fin_seqs = torch.full((B, nb), NEG, device=device), run_seqs.clone()
+    fin_len = torch.zeros(B, nb, dtype=torch.long, device=device)
+    fin = torch.zeros(B, nb, dtype=torch.bool, device=device)  # which finished slots hold a hypothesis
     among_best = torch.arange(2 * nb, device=device) < nb  # only the best nb candidates may finish
-    sample = torch.arange(B, device=device)
-    for t in range(1, max_new_tokens + 1):
-        top_scores, top_idx = (logp + run_scores[..., None]).reshape(B, nb * V).topk(2 * nb)
+    first_row = torch.arange(B, device=device)[:, None] * nb
+    for t in range(1, M + 1):
+        top_scores, top_idx = logp.add_(run_scores[..., None]).view(B, nb * V).topk(2 * nb)  # in place:
+        # a fresh (B, nb, V) tensor each step costs more than the add on a CPU (new pages to fault in)
         parent, tok = top_idx // V, top_idx % V
-        seqs = run_seqs.gather(1, parent[..., None].expand(-1, -1, max_new_tokens))
+        seqs = run_seqs.gather(1, parent[..., None].expand(-1, -1, M))
         seqs[:, :, t - 1] = tok
-        ends = tok == eos if t < max_new_tokens else torch.ones_like(tok, dtype=torch.bool)
+        eos_hit = tok == eos
+        ends = eos_hit if t < M else torch.ones_like(eos_hit)
         # the best nb candidates that do not end go on
-        alive = top_scores + ends.float() * NEG
-        keep = alive.topk(nb).indices
-        run_scores, parent, next_tok = alive.gather(1, keep), parent.gather(1, keep), tok.gather(1, keep)
-        run_seqs = seqs.gather(1, keep[..., None].expand(-1, -1, max_new_tokens))
-        # the best nb that end join the finished ones, unless the sample already has nb (early_stopping=True)
+        run_scores, keep = (top_scores + ends * NEG).topk(nb)
+        parent, next_tok = parent.gather(1, keep), tok.gather(1, keep)
+        run_seqs = seqs.gather(1, keep[..., None].expand(-1, -1, M))
+        # those among the best nb that end join the finished ones, unless the sample has nb (early_stopping=True)
         just = ends & among_best
-        score = top_scores / (t ** length_penalty)
-        score = score + fin.all(1, keepdim=True).float() * NEG
-        score = score + (~just).float() * NEG
-        order = torch.cat([fin_scores, score], 1).topk(nb).indices
-        fin_scores = torch.cat([fin_scores, score], 1).gather(1, order)
-        fin_seqs = torch.cat([fin_seqs, seqs], 1).gather(1, order[..., None].expand(-1, -1, max_new_tokens))
-        fin_len = torch.cat([fin_len, t - (tok == eos).long()], 1).gather(1, order)
+        score = top_scores / (t ** length_penalty) + fin.all(1, keepdim=True) * NEG
+        score = score + ~just * NEG
+        fin_scores, order = torch.cat([fin_scores, score], 1).topk(nb)
+        fin_seqs = torch.cat([fin_seqs, seqs], 1).gather(1, order[..., None].expand(-1, -1, M))
+        fin_len = torch.cat([fin_len, t - eos_hit.long()], 1).gather(1, order)
         fin = torch.cat([fin, just], 1).gather(1, order)
-        if t == max_new_tokens or run.check(fin.all()):
+        if t == M or run.check(fin.all()):
             break
         # beam j of sample b continues beam parent[b, j]: its generated slots move along (the rest are shared)
-        rows = (parent.T * B + sample).reshape(-1)
-        run.cache.reorder(rows, start, start + t - 1)
-        logits = advance(run, next_tok.T.reshape(-1))
-        logp = F.log_softmax(logits.float(), -1).view(nb, B, V).transpose(0, 1)
+        rows = (first_row + parent).view(-1)
+        for layer in run.cache:
+            layer.reorder(rows, start, start + t - 1)
+        logp = F.log_softmax(advance(run, next_tok.view(-1)).float(), -1).view(B, nb, V)
     best, length = fin_seqs[:, 0].tolist(), fin_len[:, 0].tolist()
     return [seq[:n] for seq, n in zip(best, length)]
 

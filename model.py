@@ -127,7 +127,8 @@ class EPALM(nn.Module):
         valid: (B, S) key mask over the slots (S = 1+T without a cache, the cache's length with one); its media
           column says whether slot 0 holds a media token (from layer `start` on; below, it is never attended);
         inj: (B, K, hidden) media tokens to inject (training, prefill): media enters h iff inj is given. In
-          decode steps the media token's keys and values are already in the cache."""
+          decode steps the media token's keys and values are already in the cache;
+        cache: one opt.KVCache per layer, or None."""
         if slots is None:
             slots = torch.arange(1, h.shape[1] + 1, device=h.device)
         late_slots = slots if inj is None else torch.cat([slots.new_zeros(1), slots])  # media query at slot 0
@@ -137,7 +138,7 @@ class EPALM(nn.Module):
             early = early[..., 1:]
             late = late if inj is not None else late[..., 1:]
         for i, layer in enumerate(self.lm.layers):
-            kv = None if cache is None else cache.layer(i)
+            kv = None if cache is None else cache[i]
             if i < self.start:
                 h = layer(h, early, kv, slots)
                 continue

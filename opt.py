@@ -88,36 +88,36 @@ def causal_mask(valid: Tensor, query_pos: Tensor) -> Tensor:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer, preallocated for a whole generation: (layers, rows, heads, slots,
-    head_dim). Written in place at given slots (a LongTensor, so a compiled step sees a tensor, not an int) and
-    reordered in place: the buffers keep their addresses, as CUDA graphs need. Unwritten slots hold zeros, not
-    garbage: a masked key still multiplies its value by 0, and 0 * NaN is NaN."""
+    """One layer's keys and values, preallocated for a whole generation: (rows, heads, slots, head_dim). Written
+    in place at given slots (a LongTensor, so a compiled step sees a tensor, not an int) and reordered in place:
+    the buffers keep their addresses, as CUDA graphs need. One pair of buffers per layer, not views of a shared
+    one: torch.compile updates a whole input in place, but rebuilds the base of a view it writes to. Unwritten
+    slots hold zeros, not garbage: a masked key still multiplies its value by 0, and 0 * NaN is NaN."""
     k: Tensor
     v: Tensor
 
-    @classmethod
-    def zeros(cls, config: OPTConfig, rows: int, slots: int, dtype=None, device=None) -> "KVCache":
-        shape = (config.num_hidden_layers, rows, config.num_attention_heads, slots,
-                 config.hidden_size // config.num_attention_heads)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-
-    def layer(self, i: int) -> "KVCache":
-        return KVCache(self.k[i], self.v[i])  # views: writes land in the shared buffers
-
-    def rows(self, n: int) -> "KVCache":
-        return KVCache(self.k[:, :n], self.v[:, :n])
-
     def write(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (rows, heads, len(slots), head_dim) at slots; returns the whole buffers to attend over."""
-        self.k.index_copy_(-2, slots, k.to(self.k.dtype))
-        self.v.index_copy_(-2, slots, v.to(self.v.dtype))
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
         return self.k, self.v
+
+    def every(self, n: int) -> "KVCache":
+        """Every n-th row (views: writes land in the buffers)."""
+        return KVCache(self.k[::n], self.v[::n])
 
     def reorder(self, index: Tensor, start: int = 0, end: int | None = None) -> None:
         """Row r takes row index[r]'s keys and values, in slots [start, end) only."""
         for buf in (self.k, self.v):
-            part = buf[..., start:end, :]
-            part.copy_(part.index_select(-4, index))
+            part = buf[:, :, start:end]
+            part.copy_(part.index_select(0, index))
+
+
+def new_cache(config: OPTConfig, rows: int, slots: int, dtype=None, device=None) -> list[KVCache]:
+    """A zeroed KV cache for every layer."""
+    shape = (rows, config.num_attention_heads, slots, config.hidden_size // config.num_attention_heads)
+    return [KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)]
 
 
 class Block(nn.Module):

@@ -39,7 +39,7 @@ def test_every_section_has_finite_positive_timings(results):
         assert results[section], section
     assert set(results["backbones"]) == {"opt-tiny", "vit-tiny", "ast-tiny", "timesformer-tiny"}
     assert set(results["train_step"]) == {"image", "audio"}
-    assert set(results["generate"]) == {"greedy", "beam3"}
+    assert set(results["generate"]) == {"tiny greedy", "tiny beam3", "small greedy", "small beam3"}
     zero_allowed = ("max_abs_diff", "frozen_params_with_grad", "step_extra_bytes", "levels", "inject")
     for path, value in numbers(results):
         assert math.isfinite(value), path
@@ -58,6 +58,21 @@ def test_same_outputs_as_transformers(results):
         assert row["max_abs_diff"] < 1e-3, name
     for name, row in results["generate"].items():
         assert row["same_tokens"] is True and row["new_tokens"] == 4, name
+
+
+def test_accelerator_generation_section_runs_on_a_cpu():
+    # the GPU section's code (in-memory shared weights, encoder included, COCO projection) on toy shapes; only the
+    # CUDA graphs need the GPU
+    notes = []
+    out = bench.bench_accelerator_generate(1, notes, device="cpu", pairs=(("tiny", "tiny"),), batches=(1, 3),
+                                           dtype=torch.float32, compile=False, new=5, images=10)
+    assert set(out["tiny+vit-tiny"]) == {"batch1", "batch3"} and notes
+    for row in out["tiny+vit-tiny"].values():
+        assert row["same_tokens"] is True and row["beams"] == 3
+        assert row["coco_ours_s"] == pytest.approx(-(-10 // row["batch"]) * row["epalm_s"])
+        assert all(row[k] > 0 for k in ("ours_tokens_per_s", "transformers_tokens_per_s", "transformers_vit_s"))
+    lm, ref = bench.lm_pair_shared("tiny", "cpu", torch.float32)
+    assert lm.embed_tokens.weight.data_ptr() == ref.model.decoder.embed_tokens.weight.data_ptr()  # no copy
 
 
 def test_frozen_weights_get_no_gradients_and_bf16_has_no_fp32_copy(results):
@@ -114,5 +129,6 @@ def test_quick_mode_runs_at_real_shapes(tmp_path):
     assert set(results["backbones"]) == {"opt-125m", "vit-base", "ast-base", "timesformer-base"}
     for row in results["backbones"].values():
         assert row["max_abs_diff"] < 1e-2  # ours and transformers' ran the same weights on the same input
+    assert set(results["generate"]) == {"opt-125m greedy", "opt-125m beam3", "small greedy", "small beam3"}
     assert all(r["same_tokens"] for r in results["generate"].values())
     assert results["memory"]["bfloat16"]["frozen_params_with_grad"] == 0

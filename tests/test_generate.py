@@ -5,7 +5,7 @@ import torch
 
 import generate
 from model import EPALM, EPALMConfig
-from opt import OPT, KVCache
+from opt import OPT, new_cache
 from test_model import hf_new_tokens, left_padded, tiny_encoder, tiny_epalm, tiny_lm
 from test_opt import POST_LN_350M, PRE_LN, batch, reference
 
@@ -32,7 +32,7 @@ def test_prefill_and_decode_steps_equal_transformers_logits(kw, tmp_path):
     n, T = 5, ids.shape[1]
     with torch.no_grad():
         want = ref(ids, attention_mask=mask).logits
-        cache = KVCache.zeros(m.lm.config, 3, 1 + T)
+        cache = new_cache(m.lm.config, 3, 1 + T)
         first, valid = generate.prefill(m, ids[:, :n], mask[:, :n], None, cache, T - n)
         positions = m.lm.position_ids(mask)
         got = [first] + [generate.decode_one_token(m, cache, ids[:, t], positions[:, t], torch.tensor([1 + t]), valid)
@@ -53,11 +53,12 @@ def test_decode_step_after_reorder_follows_the_rows(tmp_path):
     index, T, n = torch.tensor([2, 2, 0]), ids.shape[1], 6
     with torch.no_grad():
         want = m(None, ids[index])[0][:, -1]
-        cache = KVCache.zeros(m.lm.config, 3, 1 + T)
+        cache = new_cache(m.lm.config, 3, 1 + T)
         _, valid = generate.prefill(m, ids[:, :n], torch.ones(3, n, dtype=torch.long), None, cache, T - n)
         for t in (n, n + 1):
             generate.decode_one_token(m, cache, ids[:, t], torch.full((3,), t), torch.tensor([1 + t]), valid)
-        cache.reorder(index, 1 + n, 1 + n + 2)
+        for layer in cache:
+            layer.reorder(index, 1 + n, 1 + n + 2)
         got = generate.decode_one_token(m, cache, ids[index, -1], torch.full((3,), T - 1), torch.tensor([T]), valid)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 

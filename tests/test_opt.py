@@ -9,7 +9,7 @@ from transformers import OPTConfig as HFConfig
 from transformers import OPTForCausalLM, OPTModel
 
 from conftest import TESTDATA
-from opt import OPT, KVCache, OPTConfig, causal_mask, load_tokenizer
+from opt import OPT, OPTConfig, causal_mask, load_tokenizer, new_cache
 
 TOKENIZER_DIR = TESTDATA / "tokenizer" / "opt"
 PRE_LN = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
@@ -79,24 +79,21 @@ def test_position_ids_and_mask_known_values():
 
 
 def test_kv_cache_writes_and_reorders_in_place():
-    config = OPTConfig(**{**PRE_LN, "num_hidden_layers": 3})
-    cache = KVCache.zeros(config, rows=4, slots=6)
-    assert cache.k.shape == (3, 4, 4, 6, 8) and not cache.k.any()
-    addresses = cache.k.data_ptr(), cache.v.data_ptr()
+    cache = new_cache(OPTConfig(**{**PRE_LN, "num_hidden_layers": 3}), rows=4, slots=6)
+    assert len(cache) == 3 and cache[0].k.shape == (4, 4, 6, 8) and not any(c.k.any() or c.v.any() for c in cache)
+    layer = cache[1]
+    addresses = layer.k.data_ptr(), layer.v.data_ptr()
     k, v = torch.randn(4, 4, 2, 8), torch.randn(4, 4, 2, 8)
-    layer = cache.layer(1)
     got_k, got_v = layer.write(torch.tensor([2, 3]), k, v)
-    assert got_k.shape == (4, 4, 6, 8) and torch.equal(got_k[:, :, 2:4], k) and torch.equal(got_v[:, :, 2:4], v)
-    assert torch.equal(cache.k[1, :, :, 2:4], k) and not cache.k[[0, 2]].any() and not cache.k[1, :, :, 4:].any()
-    before = cache.k.clone()
-    cache.reorder(torch.tensor([3, 3, 0, 1]), start=3, end=5)  # only slots 3 and 4 follow the new rows
-    assert torch.equal(cache.k[:, :, :, 3:5], before[:, [3, 3, 0, 1], :, 3:5])
-    assert torch.equal(cache.k[:, :, :, :3], before[:, :, :, :3])
-    assert torch.equal(cache.k[:, :, :, 5:], before[:, :, :, 5:])
-    assert (cache.k.data_ptr(), cache.v.data_ptr()) == addresses
-    part = cache.rows(2)  # the first rows, as views
-    part.layer(0).write(torch.tensor([0]), torch.ones(2, 4, 1, 8), torch.ones(2, 4, 1, 8))
-    assert cache.k[0, :2, :, 0].eq(1).all() and not cache.k[0, 2:, :, 0].any()
+    assert got_k is layer.k and torch.equal(got_k[:, :, 2:4], k) and torch.equal(got_v[:, :, 2:4], v)
+    assert not layer.k[:, :, [0, 1, 4, 5]].any() and not cache[0].k.any()
+    before = layer.k.clone()
+    layer.reorder(torch.tensor([3, 3, 0, 1]), start=3, end=5)  # only slots 3 and 4 follow the new rows
+    assert torch.equal(layer.k[:, :, 3:5], before[[3, 3, 0, 1], :, 3:5])
+    assert torch.equal(layer.k[:, :, :3], before[:, :, :3]) and torch.equal(layer.k[:, :, 5:], before[:, :, 5:])
+    assert (layer.k.data_ptr(), layer.v.data_ptr()) == addresses
+    layer.every(2).write(torch.tensor([0]), torch.ones(2, 4, 1, 8), torch.ones(2, 4, 1, 8))  # rows 0 and 2, views
+    assert layer.k[[0, 2], :, 0].eq(1).all() and not layer.k[[1, 3], :, 0].any()
 
 
 def test_bare_decoder_prefix_and_lm_head_load(tmp_path):
