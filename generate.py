@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import opt
 from opt import KVCache
 
+TEXT_BUCKET = 16  # compiled steps: the text is left-padded to a multiple of this, so few shapes get compiled
 NEG = -1.0e9  # transformers' "impossible" score: the same constant, so ties break the same way
 
 
@@ -111,6 +112,10 @@ def generate(model, media=None, input_ids=None, attention_mask=None, *, max_new_
     eos = lm.config.eos_token_id if eos_token_id is None else eos_token_id
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if compile and input_ids.shape[1] % TEXT_BUCKET:  # a few static shapes, not one per text length (VQA)
+        pad = TEXT_BUCKET - input_ids.shape[1] % TEXT_BUCKET
+        input_ids = F.pad(input_ids, (pad, 0), value=lm.config.pad_token_id)
+        attention_mask = F.pad(attention_mask, (pad, 0), value=0)  # more left padding: nothing attends to it
     B, T = input_ids.shape
     if T + max_new_tokens > lm.config.max_position_embeddings:  # a bound known without a device sync
         raise ValueError(f"{T} input + {max_new_tokens} new tokens exceed max_position_embeddings "

@@ -379,6 +379,7 @@ def predict(model, examples, features, tokenizer, transform, blind, desc="genera
         with autocast:
             out = model.generate(media, batch["ids"].to(device), batch["mask"].to(device), features=feats,
                                  max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                 compile=compile and not fsdp,  # FSDP's hooks run collectives: no CUDA graphs
                                  all_done=all_ranks_done if fsdp else None)
         if k is not None:
             for i, tokens in zip(batch["index"], out):
