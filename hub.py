@@ -136,7 +136,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
                  source: str = "") -> torch.nn.Module:
-    """Copy state's tensors into model (built on the meta device, or not), strictly, casting floating tensors to
+    """Put state's tensors into model (built on the meta device, or not), strictly, casting floating tensors to
     dtype (default: the model's) one at a time. A parameter tied under several names needs only one of them.
     A parameter FSDP2 sharded on the meta device takes only this process's rows, cut as FSDP2 cuts them
     (torch.chunk along dim 0): with memory-mapped state, only those rows are ever read, cast and moved."""
@@ -160,13 +160,21 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: 
                     if keys]
         raise ValueError(f"{source or 'checkpoint'}: does not fit {type(model).__name__}: {'; '.join(problems)}")
     mesh = next((p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")), None)
-    device = "cpu" if mesh is None or mesh.device_type == "cpu" else \
-        torch.device(mesh.device_type, torch.accelerator.current_device_index())
-    (model.to(dtype) if dtype else model).to_empty(device=device)  # storage in its final dtype
-    for names in tied.values():  # converting a meta model may give each name its own Parameter: tie them again
+    if mesh is None:  # assigned, cast one at a time; one already in its dtype stays memory-mapped: no copy at all
+        for k, c in take.items():
+            state[c] = state[c].to(dtype if dtype is not None and expected[k].is_floating_point() else
+                                   expected[k].dtype)
+        model.load_state_dict({k: state[c] for k, c in take.items()}, strict=True, assign=True)
+    else:  # FSDP2 allocates each process's shard: fill it in place
+        device = "cpu" if mesh.device_type == "cpu" else \
+            torch.device(mesh.device_type, torch.accelerator.current_device_index())
+        (model.to(dtype) if dtype else model).to_empty(device=device)
+    for names in tied.values():  # assign (or a dtype change on meta) gave each name its own Parameter: tie again
         for n in names[1:]:
             owner, _, attr = n.rpartition(".")
             setattr(model.get_submodule(owner), attr, model.get_parameter(names[0]))
+    if mesh is None:
+        return model
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for k, c in take.items():
