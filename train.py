@@ -96,6 +96,7 @@ if chosen.get("eval_only"):  # a checkpoint knows what it was trained on: score 
     except ValueError as e:
         configurator.fail(f"--eval_only: {e}")
     chosen.update(out_dir=str(ckpt.parent), **{k: trained[k] for k in ("modality", "task", "dataset")})
+    chosen.setdefault("data_dir", trained.get("data_dir", ""))  # where it was trained, unless told otherwise
 for k, allowed in [("modality", data.MODALITIES), ("task", ("caption", "vqa")), ("inject", ("late", "input")),
                    ("init_from", ("scratch", "resume")), ("dataset", ("toy", *benchmarks.DATASETS)),
                    ("dtype", ("float32", "bfloat16", "float16"))]:
@@ -151,6 +152,7 @@ def epalm_config() -> EPALMConfig:
 def run_config() -> dict:
     """What a checkpoint must remember to be used again (sample.py, --eval_only, --init_from=resume)."""
     return {"modality": modality, "task": task, "dataset": dataset,
+            "data_dir": str(Path(data_dir).resolve()) if data_dir else "",
             "lm": lm or str(toy.TOY_DIR / "lm"), "encoder": encoder or str(toy.encoder_dir(modality)),
             "epalm": epalm_config().__dict__}
 

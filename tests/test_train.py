@@ -247,3 +247,34 @@ def test_torchrun_two_processes_on_cpu(tiny_backbones, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     state, config = load_adapter(out / "ckpt.safetensors")
     assert config["iter"] == 2 and (out / "scores.json").exists()
+
+
+def test_a_real_data_set_layout_end_to_end_scores_the_whole_split(tiny_backbones, tmp_path):
+    """COCO's Karpathy layout with real photos: train, then --eval_only with nothing but --out_dir scores every
+    item of the split (no eval_samples cap) and says how many."""
+    import shutil
+    root = tmp_path / "coco"
+    (root / "val2014").mkdir(parents=True)
+    photos = ["hopper.jpg", "hopper_gray.jpg", "COCO_val2014_000000262148.jpg", "pil123rgba.png"]
+    images = []
+    for i, name in enumerate(photos * 2):  # 8 images: 5 train, 3 val
+        shutil.copy(TESTDATA / "images" / name, root / "val2014" / f"{i}_{name}")
+        images.append({"cocoid": i, "filepath": "val2014", "filename": f"{i}_{name}", "split": "val" if i >= 5 else
+                       "train", "sentences": [{"raw": f"a photo number {i}"}, {"raw": "a picture"}]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "coco", "--data_dir", str(root), "--lm",
+           tiny_backbones["lm"], "--encoder", tiny_backbones["image"], "--out_dir", str(out), "--max_iters", "2",
+           "--batch_size", "2", "--num_levels", "2", "--num_workers", "0", "--max_new_tokens", "3",
+           "--num_beams", "2", "--warmup_iters", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (out / "scores.json").unlink()
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--eval_only", "--out_dir", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["items"] == 3 and "CIDEr" in scores
+    assert "held-out, val split" in p.stdout and "items scored" in p.stdout and " 3" in p.stdout
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
