@@ -458,9 +458,9 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
                               batch["targets"].to(device), features=feats)
             (loss / grad_accum).backward()
             interval_loss += loss.detach() / grad_accum
+            tokens, samples = tokens + int(batch["mask"].sum()), samples + len(batch["index"])
         if fsdp and world > 1:
             average_adapter_gradients(model)
-            tokens, samples = tokens + int(batch["mask"].sum()), samples + len(batch["index"])
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), grad_clip)
         optimizer.step()

@@ -37,6 +37,8 @@ def test_short_run_writes_checkpoint_log_curves_and_scores(tiny_backbones, tmp_p
     assert set(state) == {"prompt"} | {f"connector.{k}.{w}" for k in range(levels) for w in ("weight", "bias")}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in log if "val_loss" in r] == [2, 4]
+    rates = [r for r in log if "loss" in r]
+    assert len(rates) == 4 and all(r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"] for r in rates)
     assert "colour accuracy" in p.stdout and "CIDEr" in p.stdout
     scores = json.loads((out / "scores.json").read_text())
     assert 0 <= scores["exact match"] <= 1
