@@ -21,12 +21,14 @@ References: karpathy/nanoGPT bench.py; PaLM (Chowdhery et al. 2022) appendix B f
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -595,12 +597,81 @@ def bench_accelerator_generate(repeats: int, notes: list, device: str = "cuda", 
 
 # ---------------------------------------------------------------------------------------------- report
 
+def bench_distributed(notes: list, repeats: int = 3, iters: int = 30, lms=("toy LM", "opt-125m")) -> dict:
+    """train.py under torchrun, two CPU processes (gloo): DDP against --fsdp on the same run (frozen weights held
+    by each process, training samples/s), and --eval_only on one process against two. Two LMs: the toy world's
+    (4 layers, width 128) and opt-125m's shapes with random weights (written in the hub layout by transformers),
+    each on cached encoder features (toy ViT / ViT-B shapes). Medians over `repeats` runs each."""
+    import transformers
+    root = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
+        tmp = Path(tmp)
+        setups = {"toy LM": [], "opt-125m": [f"--lm={tmp / 'opt-125m'}", f"--encoder={tmp / 'vit-base'}",
+                                             "--num_levels=6", "--inject_start=None", "--inject_end=None",
+                                             "--batch_size=8", "--lr=1e-3", "--prompt_lr=1e-3"]}
+        if "opt-125m" in lms:
+            torch.manual_seed(0)
+            transformers.OPTForCausalLM(hf_config("opt", "opt-125m")).save_pretrained(tmp / "opt-125m")
+            transformers.ViTModel(hf_config("vit", "base"), add_pooling_layer=False).save_pretrained(tmp / "vit-base")
+        for name in lms:
+            flags = setups[name]
+            common = ["--modality=image", f"--max_iters={iters}", f"--eval_interval={iters}", "--log_interval=5",
+                      "--toy_train_samples=256", "--toy_eval_samples=64", "--blind_control=False", *flags]
+            row = {}
+            for mode in ("ddp", "fsdp"):
+                rates, mib = [], None
+                for r in range(repeats):
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(root / "train.py"),
+                           *common, f"--out_dir={tmp / name / mode}", *(["--fsdp"] if mode == "fsdp" else [])]
+                    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
+                    if p.returncode:
+                        raise RuntimeError(f"{' '.join(cmd)}: {p.stderr[-2000:]}")
+                    log = [json.loads(x) for x in (tmp / name / mode / "log.jsonl").read_text().splitlines()]
+                    steps = [x["samples_per_s"] for x in log if "samples_per_s" in x][-(iters // 5 - 1):]
+                    rates.append(statistics.median(steps))  # the first interval holds start-up costs
+                    (tmp / name / mode / "log.jsonl").unlink()
+                    m = re.search(r"frozen weights ([\d.,]+) MiB on this process, ([\d.,]+) MiB in all", p.stdout)
+                    mib = tuple(float(v.replace(",", "")) for v in m.groups()) if m else mib
+                row[f"{mode}_samples_per_s"] = statistics.median(rates)
+                if mib:
+                    row["fsdp_frozen_mib_per_process"], row["frozen_mib"] = mib
+            row["fsdp_step_time_vs_ddp"] = row["ddp_samples_per_s"] / row["fsdp_samples_per_s"]
+            evals = {}
+            for procs in (1, 2):
+                times = []
+                for r in range(repeats):
+                    launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node=2"] if procs == 2
+                                                 else [])
+                    cmd = [*launch, str(root / "train.py"), "--eval_only", f"--out_dir={tmp / name / 'ddp'}",
+                           "--toy_eval_samples=64", "--num_beams=3", "--max_new_tokens=16"]
+                    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
+                    if p.returncode:
+                        raise RuntimeError(f"{' '.join(cmd)}: {p.stderr[-2000:]}")
+                    times.append(float(re.search(r"held-out items in ([\d.]+) s", p.stdout).group(1)))
+                evals[procs] = statistics.median(times)
+            row.update(eval_1_process_s=evals[1], eval_2_processes_s=evals[2], eval_speedup=evals[1] / evals[2])
+            out[name] = row
+    notes.append("distributed: torchrun, 2 CPU processes of 1 thread each (gloo), train.py on cached features; "
+                 "evaluation: 64 held-out items, 3 beams, 16 new tokens, 1 process (1 thread) vs 2")
+    return out
+
+
 def print_table(results: dict) -> None:
     def line(*cells):
         print("  ".join(f"{c:<34}" if i == 0 else f"{c:>14}" for i, c in enumerate(cells)))
     print(f"\nbench.py --{results['mode']} on {results['machine']}")
     if "matmul" in results:
         print(f"matmul fp32: {results['matmul']['gflops']:.1f} GFLOP/s (n={results['matmul']['n']})")
+    if "distributed" in results:
+        line("train.py, 2 processes", "DDP samples/s", "FSDP samples/s", "FSDP step/DDP", "FSDP MiB/proc")
+        for name, r in results["distributed"].items():
+            line(name, f"{r['ddp_samples_per_s']:.1f}", f"{r['fsdp_samples_per_s']:.1f}",
+                 f"{r['fsdp_step_time_vs_ddp']:.2f}x", f"{r['fsdp_frozen_mib_per_process']:.1f} of {r['frozen_mib']:.1f}")
+        line("--eval_only", "1 process s", "2 processes s", "speed-up", "")
+        for name, r in results["distributed"].items():
+            line(name, f"{r['eval_1_process_s']:.2f}", f"{r['eval_2_processes_s']:.2f}", f"{r['eval_speedup']:.2f}x", "")
     if "backbones" in results:
         line("backbone (fp32 eager)", "ours s", "transformers s", "speedup", "compiled x")
         for name, r in results["backbones"].items():
@@ -666,6 +737,8 @@ def main() -> None:
     parser.add_argument("--opt-1.3b", dest="opt13", action="store_true", help="full mode: add opt-1.3b")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the accelerator sections")
     parser.add_argument("--generation", action="store_true", help="only the generation section(s)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="only train.py under torchrun on 2 CPU processes: DDP vs FSDP, evaluation 1 vs 2")
     parser.add_argument("--out", default="bench.json", help="where the JSON results go")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODE", "DTYPE"), help=argparse.SUPPRESS)
@@ -686,7 +759,9 @@ def main() -> None:
     notes = []
     results = {"mode": mode_name, "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                "notes": notes}
-    if args.device == "cuda":
+    if args.distributed:
+        results["distributed"] = bench_distributed(notes, repeats=min(3, mode["repeats"]))
+    elif args.device == "cuda":
         if not args.generation:
             results["accelerator"] = bench_accelerator(mode["repeats"], notes)
         results["accelerator_generate"] = bench_accelerator_generate(mode["repeats"], notes)

@@ -516,7 +516,9 @@ def evaluate(model, tokenizer, examples, features, transform, run_dir: Path, bli
     model.eval()
     n = eval_samples or len(examples)
     examples, features = examples[:n], None if features is None else features[:n]
+    t0 = time.time()
     preds = predict(model, examples, features, tokenizer, transform, blind)
+    say(f"generated for {len(preds):,} held-out items in {time.time() - t0:.1f} s ({world} process(es))")
     scores = score(examples, preds) if master else {}
     if master:
         with (run_dir / "predictions.jsonl").open("w") as f:

@@ -132,3 +132,11 @@ def test_quick_mode_runs_at_real_shapes(tmp_path):
     assert set(results["generate"]) == {"opt-125m greedy", "opt-125m beam3", "small greedy", "small beam3"}
     assert all(r["same_tokens"] for r in results["generate"].values())
     assert results["memory"]["bfloat16"]["frozen_params_with_grad"] == 0
+
+
+def test_distributed_section_runs():
+    """bench.py --distributed on the toy LM only, one run each: the numbers it reports exist and make sense."""
+    notes = []
+    row = bench.bench_distributed(notes, repeats=1, iters=10, lms=("toy LM",))["toy LM"]
+    assert row["ddp_samples_per_s"] > 0 and row["fsdp_samples_per_s"] > 0 and row["eval_speedup"] > 0
+    assert 0.45 < row["fsdp_frozen_mib_per_process"] / row["frozen_mib"] < 0.55 and notes
