@@ -615,6 +615,8 @@ def bench_distributed(notes: list, repeats: int = 3, iters: int = 30, lms=("toy 
             torch.manual_seed(0)
             transformers.OPTForCausalLM(hf_config("opt", "opt-125m")).save_pretrained(tmp / "opt-125m")
             transformers.ViTModel(hf_config("vit", "base"), add_pooling_layer=False).save_pretrained(tmp / "vit-base")
+            for f in ("vocab.json", "merges.txt"):  # the real OPT tokenizer, kept with the tests
+                (tmp / "opt-125m" / f).write_bytes((root / "tests" / "data" / "tokenizer" / "opt" / f).read_bytes())
         for name in lms:
             flags = setups[name]
             common = ["--modality=image", f"--max_iters={iters}", f"--eval_interval={iters}", "--log_interval=5",
@@ -645,7 +647,7 @@ def bench_distributed(notes: list, repeats: int = 3, iters: int = 30, lms=("toy 
                     launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node=2"] if procs == 2
                                                  else [])
                     cmd = [*launch, str(root / "train.py"), "--eval_only", f"--out_dir={tmp / name / 'ddp'}",
-                           "--toy_eval_samples=64", "--num_beams=3", "--max_new_tokens=16"]
+                           "--toy_eval_samples=64", "--batch_size=8", "--num_beams=3", "--max_new_tokens=16"]
                     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
                     if p.returncode:
                         raise RuntimeError(f"{' '.join(cmd)}: {p.stderr[-2000:]}")
@@ -654,7 +656,7 @@ def bench_distributed(notes: list, repeats: int = 3, iters: int = 30, lms=("toy 
             row.update(eval_1_process_s=evals[1], eval_2_processes_s=evals[2], eval_speedup=evals[1] / evals[2])
             out[name] = row
     notes.append("distributed: torchrun, 2 CPU processes of 1 thread each (gloo), train.py on cached features; "
-                 "evaluation: 64 held-out items, 3 beams, 16 new tokens, 1 process (1 thread) vs 2")
+                 "evaluation: 64 held-out items in batches of 8, 3 beams, 16 new tokens, 1 process (1 thread) vs 2")
     return out
 
 

@@ -607,17 +607,30 @@ def results_table(scores: dict, blind: dict | None) -> str:
 
 
 def main():
-    if eval_only:  # modality, task and dataset were read from the checkpoint with the settings
-        model, tokenizer, _ = from_checkpoint(out_dir / "ckpt.safetensors", dtype=weights_dtype,
-                                              shard=shard_blocks if fsdp else None)
-        model.to(device)
-        model = shard_root(model) if fsdp else model
-        _, eval_ex = load_examples(train_split=False)
-        eval_tf = data.MediaTransform.for_encoder(modality, model.encoder)
-        scores = evaluate(model, tokenizer, eval_ex, None, eval_tf, out_dir, blind=False)
-        say(results_table(scores, None))
-        say(f"predictions and scores written to {out_dir}")
-        return
+    if eval_only:
+        run_eval_only()
+    else:
+        run_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 may still be scoring and writing: leave together
+        torch.distributed.destroy_process_group()
+
+
+def run_eval_only():
+    """Score the checkpoint in out_dir (its modality, task and data set were read with the settings)."""
+    model, tokenizer, _ = from_checkpoint(out_dir / "ckpt.safetensors", dtype=weights_dtype,
+                                          shard=shard_blocks if fsdp else None)
+    model.to(device)
+    model = shard_root(model) if fsdp else model
+    _, eval_ex = load_examples(train_split=False)
+    eval_tf = data.MediaTransform.for_encoder(modality, model.encoder)
+    scores = evaluate(model, tokenizer, eval_ex, None, eval_tf, out_dir, blind=False)
+    say(results_table(scores, None))
+    say(f"predictions and scores written to {out_dir}")
+
+
+def run_training():
+    """Train the recipe (and its blind control), score it, and print the results table."""
     model, tokenizer = build_model()
     say(f"eP-ALM on {modality} {task}: {model.parameter_report()}; injected into LM layers "
         f"[{model.start}, {model.end}) of {len(model.lm.layers)}")
@@ -639,8 +652,6 @@ def main():
         (out_dir / "results.json").write_text(json.dumps({"scores": scores, "blind": blind,
                                                           "config": settings}, indent=1, default=str))
         print(f"checkpoint, log, curves and predictions in {out_dir}/; try: python sample.py --{modality} FILE")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
