@@ -9,7 +9,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, TESTDATA
 
 COMMON = ["--toy_train_samples=32", "--toy_eval_samples=10", "--batch_size=4", "--blind_control=False",
           "--max_new_tokens=4", "--log_interval=1"]
@@ -61,10 +61,14 @@ def test_fsdp_trains_like_ddp_with_half_the_frozen_weights_per_process(tiny_back
     mine, whole = map(float, re.search(r"frozen weights ([\d.,]+) MiB on this process, ([\d.,]+) MiB in all",
                                        p.stdout).groups())
     assert 0.45 < mine / whole < 0.55, p.stdout  # each process holds half of every sharded weight
-    # the adaptation-only checkpoint loads on one device, without FSDP
+    # the adaptation-only checkpoint loads on one device, without FSDP, and sample.py captions with it
     from model import from_checkpoint
     model, _, config = from_checkpoint(tmp_path / "fsdp" / "ckpt.safetensors")
     assert config["iter"] == 3 and torch.equal(model.prompt.detach(), fsdp["prompt"])
+    p = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--image", str(TESTDATA / "images" / "hopper.jpg"),
+                        "--checkpoint", str(tmp_path / "fsdp"), "--max_new_tokens", "3"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and p.stdout.startswith(f"{TESTDATA / 'images' / 'hopper.jpg'}: "), p.stderr
 
 
 def test_feature_cache_is_shared_and_equals_one_process(tiny_backbones, tmp_path):
