@@ -15,6 +15,7 @@ EPALM: inject_tokens, embed, run_layers, lm, config); this file does not import 
 References: pytorch-labs/gpt-fast generate.py (prefill, decode_one_token, compile with mode="reduce-overhead");
 transformers' GenerationMixin._beam_search (the semantics matched here, checked by tests/test_generate.py).
 """
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -155,7 +156,15 @@ def advance(run: Decoder, tokens):
     """Feed tokens (N,) at the current slot; returns their next-token logits (N, vocab)."""
     if run.valid.is_cuda:
         torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: their memory is free
-    logits = run.step(run.model, run.cache, tokens, run.positions, run.slot, run.valid)
+    try:
+        logits = run.step(run.model, run.cache, tokens, run.positions, run.slot, run.valid)
+    except Exception as e:  # a compiler problem must not cost an evaluation: the eager step computes the same
+        if run.step is decode_one_token:
+            raise
+        warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "decoding eagerly from now on")
+        _compiled[run.valid.device.type] = run.step = decode_one_token
+        logits = run.step(run.model, run.cache, tokens, run.positions, run.slot, run.valid)  # rewrites the slot
     run.positions, run.slot = run.positions + 1, run.slot + 1
     return logits
 

@@ -222,6 +222,19 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     assert step is not generate.decode_one_token and step is generate.decode_step(True, torch.device("cpu"))
 
 
+def test_a_failing_compiled_step_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
+    m, _ = eos_prone(tmp_path, seed=2, boost=1.0)
+    ids, mask = left_padded(ROWS)
+    eager = m.generate(None, ids, mask, max_new_tokens=8, num_beams=3)
+
+    def broken(*args):
+        raise RuntimeError("CUDA graphs are not available here\nsecond line")
+    monkeypatch.setitem(generate._compiled, "cpu", broken)
+    with pytest.warns(UserWarning, match="compiled decode step failed .RuntimeError: CUDA graphs are not available"):
+        assert m.generate(None, ids, mask, max_new_tokens=8, num_beams=3, compile=True) == eager
+    assert generate._compiled["cpu"] is generate.decode_one_token  # once: later calls go eager directly
+
+
 def test_generation_under_autocast_caches_in_the_autocast_dtype(tmp_path):
     # train.py evaluates under torch.autocast: fp32 weights on a CPU, bf16 keys and values
     m = tiny_epalm(tmp_path, init_std=0.4)
