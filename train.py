@@ -312,20 +312,23 @@ def my_batches(num_batches: int) -> list[int]:
     return mine
 
 
-def eval_batch(collate, examples, features, transform, start: int | None, quiet=False):
-    """The evaluation batch of examples[start:start + batch_size] (undecodable media skipped with a warning).
-    Under FSDP a repeat (start None) or a batch whose media all failed still runs: on the first example."""
-    items = []
-    for i in range(start or 0, min((start or 0) + batch_size, len(examples))):
-        try:
-            items.append((i, features[i] if features is not None else transform(examples[i].media)))
-        except MediaError as e:
-            if not quiet and start is not None:
-                print(f"warning: skipped {e}", file=sys.stderr)
-    batch = collate(items)
-    if fsdp and not batch["index"]:
-        return eval_batch(collate, examples, features, transform, None, quiet=True) if start is not None else batch
-    return batch
+def eval_batch(collate, examples, features, transform, k: int | None):
+    """(batch k of an evaluation, whether it is batch k). Undecodable media are skipped, each with a warning. Under
+    FSDP every process must take part in every forward: for a repeat (k None), or a batch with nothing that
+    decodes, it runs on the first batch that does, and its results are dropped."""
+    starts = [] if k is None else [k * batch_size]
+    for start in starts + (list(range(0, len(examples), batch_size)) if fsdp else []):
+        items = []
+        for i in range(start, min(start + batch_size, len(examples))):
+            try:
+                items.append((i, features[i] if features is not None else transform(examples[i].media)))
+            except MediaError as e:
+                if starts and start == starts[0]:
+                    print(f"warning: skipped {e}", file=sys.stderr)
+        batch = collate(items)
+        if batch["index"] or not fsdp:
+            return batch, bool(starts) and start == starts[0]
+    return batch, False
 
 
 def all_ranks_done(done: bool) -> bool:
@@ -352,14 +355,14 @@ def eval_loss(model, examples, features, tokenizer, transform, blind, max_batche
     collate = data.Collate(examples, tokenizer, blind=blind)
     total = torch.zeros(2, device=device)  # sum of per-item losses, number of items
     for k in my_batches(min(max_batches, -(-len(examples) // batch_size))):
-        batch = eval_batch(collate, examples, features, transform, None if k is None else k * batch_size)
+        batch, own = eval_batch(collate, examples, features, transform, k)
         if not batch["index"]:
             continue
         media, feats = model_inputs(batch, features is not None)
         with autocast:
             _, loss = model(media, batch["ids"].to(device), batch["mask"].to(device), batch["targets"].to(device),
                             features=feats)
-        if k is not None:
+        if own:
             n = len(batch["index"])
             total += torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=device)])
     if world > 1:
@@ -374,7 +377,7 @@ def predict(model, examples, features, tokenizer, transform, blind, desc="genera
     collate, preds = data.Collate(examples, tokenizer, blind=blind, with_target=False), {}
     for k in tqdm(my_batches(-(-len(examples) // batch_size)), desc=desc, unit="batch", leave=False,
                   disable=not master):
-        batch = eval_batch(collate, examples, features, transform, None if k is None else k * batch_size)
+        batch, own = eval_batch(collate, examples, features, transform, k)
         if not batch["index"]:
             continue
         media, feats = model_inputs(batch, features is not None)
@@ -383,7 +386,7 @@ def predict(model, examples, features, tokenizer, transform, blind, desc="genera
                                  max_new_tokens=max_new_tokens, num_beams=num_beams,
                                  compile=compile and not fsdp,  # FSDP's hooks run collectives: no CUDA graphs
                                  all_done=all_ranks_done if fsdp else None)
-        if k is not None:
+        if own:
             for i, tokens in zip(batch["index"], out):
                 preds[examples[i].id] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return gather_to_master(preds)

@@ -35,3 +35,18 @@ def tiny_backbones(tmp_path_factory):
     transformers.TimesformerModel(transformers.TimesformerConfig(image_size=32, patch_size=8, num_frames=4,
                                                                  **common)).save_pretrained(root / "video")
     return {k: str(root / k) for k in ("lm", "image", "audio", "video")}
+
+
+def coco_layout(root, n_train: int = 5, n_val: int = 3):
+    """COCO's Karpathy layout (dataset_coco.json + val2014/) holding copies of the real test photos."""
+    import json
+    (root / "val2014").mkdir(parents=True)
+    photos = ["hopper.jpg", "hopper_gray.jpg", "COCO_val2014_000000262148.jpg", "pil123rgba.png"]
+    images = []
+    for i in range(n_train + n_val):
+        name = f"{i}_{photos[i % len(photos)]}"
+        shutil.copy(TESTDATA / "images" / photos[i % len(photos)], root / "val2014" / name)
+        images.append({"cocoid": i, "filepath": "val2014", "filename": name, "split": "val" if i >= n_train else
+                       "train", "sentences": [{"raw": f"a photo number {i}"}, {"raw": "a picture"}]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    return root

@@ -9,7 +9,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TESTDATA
+from conftest import ROOT, TESTDATA, coco_layout
 
 COMMON = ["--toy_train_samples=32", "--toy_eval_samples=10", "--batch_size=4", "--blind_control=False",
           "--max_new_tokens=4", "--log_interval=1"]
@@ -97,3 +97,24 @@ def test_each_process_takes_every_world_th_batch(monkeypatch):
         monkeypatch.setattr(train, "world", 2)
         monkeypatch.setattr(train, "fsdp", fsdp)
         assert train.my_batches(5) == want
+
+
+def test_fsdp_evaluation_survives_a_batch_with_nothing_decodable(tiny_backbones, tmp_path):
+    """Under FSDP every process takes part in every forward: the process whose batch holds only a broken image
+    runs on another batch (results dropped) instead of leaving the other waiting."""
+    root = coco_layout(tmp_path / "coco", n_train=2, n_val=3)
+    broken = root / "val2014" / "3_pil123rgba.png"  # the second held-out batch: rank 1's
+    broken.write_bytes(b"not a jpeg")
+    out = tmp_path / "run"
+    flags = ["--dataset=coco", f"--data_dir={root}", "--batch_size=1", "--num_levels=2", "--num_workers=0",
+             "--max_new_tokens=2", "--num_beams=1", "--max_iters=1", "--warmup_iters=1"]
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--lm={tiny_backbones['lm']}",
+           f"--encoder={tiny_backbones['image']}", f"--out_dir={out}", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env).returncode == 0
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "train.py"),
+                        "--eval_only", "--fsdp", f"--out_dir={out}", "--batch_size=1", "--max_new_tokens=2",
+                        "--num_beams=1"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(lines(out / "predictions.jsonl")) == 2 and json.loads((out / "scores.json").read_text())["items"] == 2
+    assert p.stderr.count(f"warning: skipped {broken}") == 1

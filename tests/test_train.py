@@ -9,7 +9,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TESTDATA
+from conftest import ROOT, TESTDATA, coco_layout
 import toy
 from hub import load_adapter
 
@@ -254,16 +254,7 @@ def test_torchrun_two_processes_on_cpu(tiny_backbones, tmp_path):
 def test_a_real_data_set_layout_end_to_end_scores_the_whole_split(tiny_backbones, tmp_path):
     """COCO's Karpathy layout with real photos: train, then --eval_only with nothing but --out_dir scores every
     item of the split (no eval_samples cap) and says how many."""
-    import shutil
-    root = tmp_path / "coco"
-    (root / "val2014").mkdir(parents=True)
-    photos = ["hopper.jpg", "hopper_gray.jpg", "COCO_val2014_000000262148.jpg", "pil123rgba.png"]
-    images = []
-    for i, name in enumerate(photos * 2):  # 8 images: 5 train, 3 val
-        shutil.copy(TESTDATA / "images" / name, root / "val2014" / f"{i}_{name}")
-        images.append({"cocoid": i, "filepath": "val2014", "filename": f"{i}_{name}", "split": "val" if i >= 5 else
-                       "train", "sentences": [{"raw": f"a photo number {i}"}, {"raw": "a picture"}]})
-    (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    root = coco_layout(tmp_path / "coco")
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "coco", "--data_dir", str(root), "--lm",
            tiny_backbones["lm"], "--encoder", tiny_backbones["image"], "--out_dir", str(out), "--max_iters", "2",
