@@ -3,10 +3,10 @@
 resolve() turns a local folder or a hub id into a folder with config.json and one weights layout, through
 huggingface_hub.hf_hub_download: one cache shared with transformers, and HF_HOME, HF_HUB_CACHE, HF_TOKEN,
 HF_ENDPOINT and HF_HUB_OFFLINE as they work there. load_state_dict() reads safetensors or pytorch_model.bin with
-torch.load(weights_only=True, mmap=True), never a full unpickle, memory-mapped; load_weights() copies them
-strictly into a model built on the meta device, one tensor at a time, so a large LM is never held twice in memory,
-and into FSDP2-sharded blocks only the rows each process keeps. save_adapter() and load_adapter()
-write and read what eP-ALM trains, with the run's configuration as safetensors metadata.
+torch.load(weights_only=True, mmap=True), never a full unpickle, memory-mapped; load_weights() puts them
+strictly into a model built on the meta device, cast one tensor at a time, so a large LM is never held twice in
+memory, and into FSDP2-sharded blocks only the rows each process keeps. save_adapter() and load_adapter() write
+and read what eP-ALM trains, with the run's configuration as safetensors metadata.
 
 References: huggingface_hub's hf_hub_download, try_to_load_from_cache and cache layout (models--{org}--{name}/
 refs/main, snapshots/{commit}/, .no_exist/{commit}/); the safetensors format (huggingface.co/docs/safetensors);
@@ -165,7 +165,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: 
             state[c] = state[c].to(dtype if dtype is not None and expected[k].is_floating_point() else
                                    expected[k].dtype)
         model.load_state_dict({k: state[c] for k, c in take.items()}, strict=True, assign=True)
-    else:  # FSDP2 allocates each process's shard: fill it in place
+    else:  # FSDP2 allocates each process's shard: filled in place below
         device = "cpu" if mesh.device_type == "cpu" else \
             torch.device(mesh.device_type, torch.accelerator.current_device_index())
         (model.to(dtype) if dtype else model).to_empty(device=device)
@@ -173,18 +173,21 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: 
         for n in names[1:]:
             owner, _, attr = n.rpartition(".")
             setattr(model.get_submodule(owner), attr, model.get_parameter(names[0]))
-    if mesh is None:
-        return model
+    if mesh is not None:
+        _fill_shards(model, {k: state[c] for k, c in take.items()}, mesh)
+    return model
+
+
+def _fill_shards(model: torch.nn.Module, state: dict[str, torch.Tensor], mesh) -> None:
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for k, c in take.items():
-            tensor, target = state[c], targets[k]
+        for k, tensor in state.items():
+            target = targets[k]
             if hasattr(target, "device_mesh"):
                 rows = tensor.chunk(mesh.size(), dim=0)
                 tensor = rows[mesh.get_local_rank()] if mesh.get_local_rank() < len(rows) else tensor[:0]
                 target = target.to_local()
             target.copy_(tensor)
-    return model
 
 
 def save_adapter(model: torch.nn.Module, path, run_config: dict) -> None:
