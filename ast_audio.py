@@ -169,7 +169,7 @@ class AST(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 2, D))
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.norm = nn.LayerNorm(D, eps=c.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
@@ -179,7 +179,7 @@ class AST(nn.Module):
         B = x.shape[0]
         x = self.patch_embed(x.transpose(1, 2).unsqueeze(1)).flatten(2).transpose(1, 2)  # frequency-major
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1), x], 1) + self.pos_embed
-        return run_blocks(self.blocks, self.norm, x, last)
+        return run_blocks(self.layers, self.norm, x, last)
 
     def preprocess(self, waveforms: list) -> torch.Tensor:
         """A list of 1-D float waveforms at 16 kHz -> (B, max_length, 128) normalised fbank features."""

@@ -56,10 +56,10 @@ class TimeSformerConfig:
 # HF TimesformerModel keys -> ours, on top of the ViT rules for the spatial part
 HF_TIMESFORMER_RULES = [
     (r"^embeddings\.time_embeddings$", "time_embed"),
-    (r"^encoder\.layer\.(\d+)\.temporal_layernorm\.", r"blocks.\1.temporal_norm1."),
-    (r"^encoder\.layer\.(\d+)\.temporal_attention\.attention\.qkv\.", r"blocks.\1.temporal_attn.qkv."),
-    (r"^encoder\.layer\.(\d+)\.temporal_attention\.output\.dense\.", r"blocks.\1.temporal_attn.proj."),
-    (r"^encoder\.layer\.(\d+)\.temporal_dense\.", r"blocks.\1.temporal_fc."),
+    (r"^encoder\.layer\.(\d+)\.temporal_layernorm\.", r"layers.\1.temporal_norm1."),
+    (r"^encoder\.layer\.(\d+)\.temporal_attention\.attention\.qkv\.", r"layers.\1.temporal_attn.qkv."),
+    (r"^encoder\.layer\.(\d+)\.temporal_attention\.output\.dense\.", r"layers.\1.temporal_attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.temporal_dense\.", r"layers.\1.temporal_fc."),
 ] + HF_RULES
 
 
@@ -104,7 +104,7 @@ class TimeSformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, D))
         self.time_embed = nn.Parameter(torch.zeros(1, config.num_frames, D))
-        self.blocks = nn.ModuleList(DividedBlock(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DividedBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         s = config.image_size
         self.transform = ImageTransform(resize=None, shortest_edge=s, crop=(s, s), mean=(0.45,) * 3, std=(0.225,) * 3)
@@ -124,7 +124,7 @@ class TimeSformer(nn.Module):
         x = x.reshape(B, T, P, D).transpose(1, 2) + time[:, None]  # (B, P, T, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         x = torch.cat([cls, x.reshape(B, P * T, D)], 1)
-        return run_blocks(self.blocks, self.norm, x, last, num_frames=T)
+        return run_blocks(self.layers, self.norm, x, last, num_frames=T)
 
     def preprocess(self, clips: list) -> torch.Tensor:
         """A list of clips, each a list of PIL frames (all clips the same length) -> (B, T, 3, H, W)."""

@@ -210,7 +210,7 @@ def shard_blocks(backbone):
     process ever holds a whole layer stack. Bf16 weights on a GPU need no MixedPrecisionPolicy: they are stored
     in bf16 and frozen, so there is no fp32 master copy and no gradient to reduce."""
     from torch.distributed.fsdp import fully_shard
-    for block in backbone.layers if hasattr(backbone, "layers") else backbone.blocks:
+    for block in backbone.layers:
         fully_shard(block)
 
 

@@ -61,8 +61,8 @@ class ViTConfig:
         return dataclasses.replace(config, intermediate_size=int(config.hidden_size * args.get("mlp_ratio", 4.0)))
 
 
-# timm already uses our block names; only the patch embedding differs.
-TIMM_RULES = [(r"^patch_embed\.proj\.", "patch_embed.")]
+# timm names the blocks as we do but calls the stack `blocks` (ours is `layers`, as the LM's).
+TIMM_RULES = [(r"^patch_embed\.proj\.", "patch_embed."), (r"^blocks\.", "layers.")]
 
 
 class ViT(nn.Module):
@@ -74,7 +74,7 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(config.num_channels, D, config.patch_size, stride=config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, D))
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.transform = ImageTransform(resize=(config.image_size, config.image_size))
 
@@ -85,7 +85,7 @@ class ViT(nn.Module):
                              f"{self.config.image_size} (run preprocess first)")
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], 1) + self.pos_embed
-        return run_blocks(self.blocks, self.norm, x, last)
+        return run_blocks(self.layers, self.norm, x, last)
 
     def preprocess(self, images: list) -> torch.Tensor:
         if not isinstance(images, (list, tuple)) or not images:

@@ -72,7 +72,7 @@ def test_vit_matches_transformers_every_level(tmp_path, head):
     with pytest.raises(ValueError, match="16x16"):
         model(torch.randn(1, 3, 16, 16))
     half = ViT.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
-    assert half.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert half.layers[0].attn.qkv.weight.dtype == torch.bfloat16
     with torch.no_grad():
         torch.testing.assert_close(half(x.bfloat16(), last=1)[0].float(), last_hidden, atol=0.1, rtol=0.05)
 
@@ -144,7 +144,7 @@ def test_vit_bad_checkpoint_names_the_keys(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     del state["encoder.layer.1.output.dense.bias"]
     save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc2\.bias"):
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.fc2\.bias"):
         ViT.from_pretrained(str(tmp_path))
 
 
@@ -230,7 +230,7 @@ def test_ast_matches_transformers_every_level(tmp_path, eps):
     full = transformers.ASTForAudioClassification(cfg).eval()  # "audio_spectrogram_transformer." + classifier
     full.save_pretrained(tmp_path)
     model = AST.from_pretrained(str(tmp_path))
-    assert model.norm.eps == eps and model.blocks[0].norm1.eps == eps
+    assert model.norm.eps == eps and model.layers[0].norm1.eps == eps
     x = torch.randn(2, 64, 32)
     expected, last_hidden = reference_levels(full.audio_spectrogram_transformer, x)
     assert last_hidden.shape == (2, 2 + 2 * 5, 32)  # (32-16)//10+1 = 2 by (64-16)//12+1 = 5 patches

@@ -190,14 +190,14 @@ def test_all_done_decides_when_to_stop_and_layers_run_through_call(tmp_path):
     calls = {"layer": 0, "block": 0}
     for layer in m.lm.layers:
         layer.register_forward_pre_hook(lambda *_: calls.__setitem__("layer", calls["layer"] + 1))
-    for block in m.encoder.blocks:
+    for block in m.encoder.layers:
         block.register_forward_pre_hook(lambda *_: calls.__setitem__("block", calls["block"] + 1))
     L = len(m.lm.layers)
     for beams in (1, 3):
         calls.update(layer=0, block=0)
         local = m.generate(img, ids, mask, max_new_tokens=12, num_beams=beams)
         assert calls["layer"] < 8 * L  # every row is done early: the local check stops it
-        assert calls["block"] == len(m.encoder.blocks)  # the encoder ran once, for all beams
+        assert calls["block"] == len(m.encoder.layers)  # the encoder ran once, for all beams
         calls.update(layer=0, block=0)
         seen = []
         kept = m.generate(img, ids, mask, max_new_tokens=12, num_beams=beams,
