@@ -89,14 +89,10 @@ def test_feature_cache_is_shared_and_equals_one_process(tiny_backbones, tmp_path
 def test_each_process_takes_every_world_th_batch(monkeypatch):
     """The split itself: 5 batches over 2 processes are 0, 2, 4 and 1, 3; under FSDP the second process adds a
     repeat (None) so that both run three forwards."""
-    import importlib
-    monkeypatch.setattr(sys, "argv", ["train.py"])
-    train = importlib.import_module("train")
+    import distributed
     for rank, fsdp, want in [(0, False, [0, 2, 4]), (1, False, [1, 3]), (1, True, [1, 3, None]), (0, True, [0, 2, 4])]:
-        monkeypatch.setattr(train, "rank", rank)
-        monkeypatch.setattr(train, "world", 2)
-        monkeypatch.setattr(train, "fsdp", fsdp)
-        assert train.my_batches(5) == want
+        monkeypatch.setattr(distributed, "rank_and_world", lambda: (rank, 2))
+        assert distributed.my_batches(5, fsdp) == want
 
 
 def test_fsdp_evaluation_survives_a_batch_with_nothing_decodable(tiny_backbones, tmp_path):
