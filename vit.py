@@ -101,6 +101,7 @@ DINOV2_TRANSFORM = ImageTransform(resize=None, shortest_edge=256, crop=(224, 224
 
 
 def read_clip(raw: dict, state: dict) -> tuple[ViTConfig, dict]:
+    """The config and our keys of a CLIPModel / CLIPVisionModel checkpoint's vision tower."""
     if raw["model_type"] == "clip" and not isinstance(raw.get("vision_config"), dict):
         raise ValueError("config.json: model_type 'clip' without a vision_config")
     d = raw["vision_config"] if raw["model_type"] == "clip" else raw
@@ -115,6 +116,7 @@ def read_clip(raw: dict, state: dict) -> tuple[ViTConfig, dict]:
 
 
 def read_dinov2(raw: dict, state: dict) -> tuple[ViTConfig, dict]:
+    """The config and our keys of a Dinov2Model (or Dinov2ForImageClassification) checkpoint."""
     if raw.get("use_swiglu_ffn"):
         raise ValueError("config.json: use_swiglu_ffn=true (DINOv2 giant) is not supported, only the plain MLP of "
                          "dinov2-small/base/large")
