@@ -1,8 +1,10 @@
-"""What ViT, AST and TimeSformer share: config.json reading, the pre-LN transformer block, and the renaming of hub
-checkpoint keys to this project's parameter names.
+"""What ViT (with CLIP's vision tower and DINOv2), AST and TimeSformer share: config.json reading, the pre-LN
+transformer block, and the renaming of hub checkpoint keys to this project's parameter names.
 
-References: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021) for the block; transformers' ViTModel,
-ASTModel and TimesformerModel and timm's VisionTransformer (read to match checkpoint keys, never imported here).
+References: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021) for the block; Touvron et al., "Going
+deeper with Image Transformers" (CaiT, ICCV 2021) for layer scale; transformers' ViTModel, CLIPVisionModel,
+Dinov2Model, ASTModel and TimesformerModel and timm's VisionTransformer (read to match checkpoint keys, never
+imported here).
 """
 import dataclasses
 import re
@@ -61,19 +63,24 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)). With layer_scale (DINOv2) each branch is
+    multiplied by a learned per-channel vector first: x + ls1 * attn(ln(x)), then x + ls2 * mlp(ln(x))."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer_scale: bool = False):
         super().__init__()
         D = config.hidden_size
         self.norm1 = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.attn = Attention(D, config.num_attention_heads, config.qkv_bias)
         self.norm2 = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.mlp = MLP(D, config.intermediate_size, config.hidden_act)
+        self.ls1 = nn.Parameter(torch.ones(D)) if layer_scale else None
+        self.ls2 = nn.Parameter(torch.ones(D)) if layer_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        a = self.attn(self.norm1(x))
+        x = x + (a if self.ls1 is None else a * self.ls1)
+        m = self.mlp(self.norm2(x))
+        return x + (m if self.ls2 is None else m * self.ls2)
 
 
 def run_blocks(blocks: nn.ModuleList, norm: nn.Module, x: torch.Tensor, last: int | None, **kwargs) -> list:
@@ -107,17 +114,18 @@ HF_RULES = [
 ]
 
 
-def fuse_qkv(state: dict) -> dict:
-    """HF stores attention.attention.{query,key,value}; we use one fused qkv Linear (as timm and TimeSformer do)."""
+def fuse_qkv(state: dict, parent: str = "attention.attention", names: tuple = ("query", "key", "value")) -> dict:
+    """HF stores {parent}.{query,key,value} (CLIP: self_attn.{q,k,v}_proj); we use one fused {parent}.qkv Linear
+    (as timm and TimeSformer do)."""
     out = {}
     for key, t in state.items():
-        m = re.fullmatch(r"(.*\.attention\.attention\.)(query|key|value)\.(weight|bias)", key)
+        m = re.fullmatch(rf"(.*\.{re.escape(parent)}\.)({'|'.join(map(re.escape, names))})\.(weight|bias)", key)
         if m is None:
             out[key] = t
-        elif m.group(2) == "query":
-            parts = [state.get(f"{m.group(1)}{p}.{m.group(3)}") for p in ("query", "key", "value")]
+        elif m.group(2) == names[0]:
+            parts = [state.get(f"{m.group(1)}{p}.{m.group(3)}") for p in names]
             if any(p is None for p in parts):
-                raise ValueError(f"checkpoint has {key} but not all of query/key/value next to it")
+                raise ValueError(f"checkpoint has {key} but not all of {'/'.join(names)} next to it")
             out[f"{m.group(1)}qkv.{m.group(3)}"] = torch.cat(parts, 0)
     return out
 

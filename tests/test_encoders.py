@@ -1,6 +1,7 @@
-"""Parity of vit.py, timesformer.py and the AST in ast_audio.py with transformers' ViTModel, TimesformerModel and
-ASTModel (tiny random models saved in the hub layout), timm-layout loading, preprocessing against transformers'
-image processors on real photos/video, and parameter counts of the official shapes."""
+"""Parity of vit.py (also as CLIP's vision tower and DINOv2), timesformer.py and the AST in ast_audio.py with
+transformers' ViTModel, CLIPVisionModel, Dinov2Model, TimesformerModel and ASTModel (tiny random models saved in
+the hub layout), timm-layout loading, preprocessing against transformers' image processors on real photos/video,
+and parameter counts of the official shapes."""
 import json
 import wave
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from conftest import TESTDATA
 from ast_audio import AST, ASTConfig
 from timesformer import TimeSformer, TimeSformerConfig
-from vit import ViT, ViTConfig
+from vit import ViT, ViTConfig, read_clip, read_dinov2
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
 PHOTOS = ["COCO_val2014_000000262148.jpg", "hopper.jpg", "hopper_gray.jpg"]
@@ -146,6 +147,169 @@ def test_vit_bad_checkpoint_names_the_keys(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.fc2\.bias"):
         ViT.from_pretrained(str(tmp_path))
+
+
+# ---- CLIP's vision tower and DINOv2 (through ViT) ----
+
+ODD = dict(hidden_size=24, num_hidden_layers=3, num_attention_heads=3, patch_size=8, image_size=40)
+
+
+def randomize(model):
+    """Random values everywhere, so that unit LayerNorm weights or layer scales cannot hide a missing parameter."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def clip_reference(tmp_path, full: bool, seed=6):
+    torch.manual_seed(seed)
+    vision = dict(ODD, intermediate_size=40)
+    if full:  # the hub's openai/clip-vit-*: text tower, projections and logit_scale to drop
+        text = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=20, vocab_size=99,
+                    bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        model = randomize(transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision)))
+    else:
+        model = randomize(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)))
+    save_reference(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == ("clip" if full else
+                                                                                 "clip_vision_model")
+    return model.vision_model if full else model  # transformers 5's CLIPVisionModel is the tower itself
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_clip_vision_matches_transformers_every_level(tmp_path, full):
+    ref = clip_reference(tmp_path, full)
+    model = ViT.from_pretrained(str(tmp_path))
+    assert model.config.hidden_act == "quick_gelu" and model.patch_embed.bias is None and model.norm.eps == 1e-5
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        out = ref(x, output_hidden_states=True)
+        assert len(out.hidden_states) == 4
+        # CLIP's final norm is post_layernorm, which it applies to the pooled [CLS] only
+        expected = [ref.post_layernorm(h) for h in out.hidden_states[1:]]
+        ours = model(x)
+        last2 = model(x, last=2)
+    assert len(ours) == 3
+    for i, (a, b) in enumerate(zip(ours, expected)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"level {i}")
+    torch.testing.assert_close(ours[-1][:, 0], out.pooler_output, atol=1e-4, rtol=1e-4)
+    for a, b in zip(last2, expected[-2:]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="48x48"):  # no position interpolation for CLIP
+        model(torch.randn(1, 3, 48, 48))
+
+
+def dinov2_reference(tmp_path, seed=7, **extra):
+    torch.manual_seed(seed)
+    cfg = transformers.Dinov2Config(**ODD, mlp_ratio=3, layerscale_value=0.5, **extra)
+    ref = randomize(transformers.Dinov2Model(cfg))
+    save_reference(ref, tmp_path)
+    return ref
+
+
+@pytest.mark.parametrize("size", [(40, 40), (56, 48), (60, 44)])  # the checkpoint's, another, not patch multiples
+def test_dinov2_matches_transformers_every_level(tmp_path, size):
+    ref = dinov2_reference(tmp_path)
+    assert "embeddings.mask_token" in load_file(tmp_path / "model.safetensors")
+    model = ViT.from_pretrained(str(tmp_path))
+    assert model.config.intermediate_size == 72 and model.layers[0].ls1 is not None
+    x = torch.randn(2, 3, *size)
+    expected, last_hidden = reference_levels(ref, x)
+    assert last_hidden.shape == (2, 1 + (size[0] // 8) * (size[1] // 8), 24)
+    with torch.no_grad():
+        assert_levels(model(x), expected, last_hidden)
+        last1 = model(x, last=1)
+    torch.testing.assert_close(last1[0], last_hidden, atol=1e-4, rtol=1e-4)
+    if size == (56, 48):
+        half = ViT.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+        with torch.no_grad():
+            torch.testing.assert_close(half(x.bfloat16(), last=1)[0].float(), last_hidden, atol=0.1, rtol=0.05)
+
+
+def test_dinov2_classifier_checkpoint_drops_the_head(tmp_path):
+    torch.manual_seed(8)
+    full = randomize(transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**ODD, num_labels=5)))
+    save_reference(full, tmp_path)
+    model = ViT.from_pretrained(str(tmp_path))
+    x = torch.randn(1, 3, 40, 40)
+    expected, last_hidden = reference_levels(full.dinov2, x)
+    with torch.no_grad():
+        assert_levels(model(x), expected, last_hidden)
+
+
+def test_clip_and_dinov2_bad_configs_are_one_line_errors(tmp_path):
+    dinov2_reference(tmp_path / "giant", use_swiglu_ffn=True)
+    with pytest.raises(ValueError, match="use_swiglu_ffn") as error:
+        ViT.from_pretrained(str(tmp_path / "giant"))
+    assert "\n" not in str(error.value)
+    clip_reference(tmp_path / "clip", full=True)
+    config = json.loads((tmp_path / "clip" / "config.json").read_text())
+    del config["vision_config"]
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="vision_config") as error:
+        ViT.from_pretrained(str(tmp_path / "clip"))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("size, hidden, layers, heads", [("base-patch16", 768, 12, 12), ("large-patch14", 1024, 24, 16)])
+def test_clip_official_shapes_parameter_counts(size, hidden, layers, heads):
+    """openai/clip-vit-{size}'s vision config as transformers writes it (nested in the CLIPModel's config.json)."""
+    vision = transformers.CLIPVisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                                           num_attention_heads=heads, patch_size=int(size[-2:]))
+    raw = transformers.CLIPConfig(vision_config=vision.to_dict()).to_dict()
+    config, _ = read_clip(raw, {})
+    with torch.device("meta"):
+        assert count(ViT(config)) == count(transformers.CLIPVisionModel(vision))
+
+
+@pytest.mark.parametrize("hidden, layers, heads", [(384, 12, 6), (768, 12, 12), (1024, 24, 16)])
+def test_dinov2_official_shapes_parameter_counts(hidden, layers, heads):
+    """facebook/dinov2-small/base/large: image_size 518, patch 14; ours has no mask_token (hidden_size values)."""
+    cfg = transformers.Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                    image_size=518)
+    config, _ = read_dinov2(cfg.to_dict(), {})
+    with torch.device("meta"):
+        assert count(ViT(config)) == count(transformers.Dinov2Model(cfg)) - hidden
+
+
+# The preprocessor_config.json files of openai/clip-vit-base-patch16 and facebook/dinov2-base, as on the hub
+CLIP_PROCESSOR = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                  "feature_extractor_type": "CLIPFeatureExtractor",
+                  "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+                  "resample": 3, "size": 224}
+DINOV2_PROCESSOR = {"crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True,
+                    "do_normalize": True, "do_rescale": True, "do_resize": True,
+                    "image_mean": [0.485, 0.456, 0.406], "image_processor_type": "BitImageProcessor",
+                    "image_std": [0.229, 0.224, 0.225], "resample": 3, "rescale_factor": 0.00392156862745098,
+                    "size": {"shortest_edge": 256}}
+
+
+@pytest.mark.parametrize("kind", ["clip", "dinov2"])
+def test_clip_and_dinov2_preprocess_match_their_image_processors(tmp_path, kind):
+    """Both processors: short side to 224 (CLIP) / 256 (DINOv2) bicubic, center crop 224, their own statistics.
+    transformers 5 resizes with Pillow too when torchvision is absent (as here): the max abs difference measured on
+    every image of tests/data/images is 4.8e-7 (CLIP) and 7.2e-7 (DINOv2), float rounding only."""
+    images = [Image.open(TESTDATA / "images" / name) for name in PHOTOS]
+    rgb = [im.convert("RGB") for im in images]
+    processor_class = transformers.CLIPImageProcessor if kind == "clip" else transformers.BitImageProcessor
+    official = CLIP_PROCESSOR if kind == "clip" else DINOV2_PROCESSOR
+    (clip_reference if kind == "clip" else dinov2_reference)(tmp_path, **({"full": True} if kind == "clip" else {}))
+    bare = ViT.from_pretrained(str(tmp_path))  # no preprocessor_config.json: the official settings by default
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(official))
+    loaded = ViT.from_pretrained(str(tmp_path))
+    processor = processor_class.from_pretrained(str(tmp_path))
+    expected = processor(rgb, return_tensors="pt")["pixel_values"]
+    assert expected.shape == (3, 3, 224, 224)
+    for model in (loaded, bare):
+        torch.testing.assert_close(model.preprocess(images), expected, atol=1e-5, rtol=0)
+    # another short side and crop, from the checkpoint's file: the int size is the short side for both
+    settings = dict(official, size=72, crop_size={"height": 64, "width": 48})
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+    loaded = ViT.from_pretrained(str(tmp_path))
+    expected = processor_class.from_pretrained(str(tmp_path))(rgb, return_tensors="pt")["pixel_values"]
+    assert expected.shape == (3, 3, 64, 48)
+    torch.testing.assert_close(loaded.preprocess(images), expected, atol=1e-5, rtol=0)
 
 
 # ---- TimeSformer ----
