@@ -115,18 +115,22 @@ def spec_augment(x: torch.Tensor, rng: np.random.Generator, freq: int = 24, time
 
 
 class ExampleDataset(torch.utils.data.Dataset):
-    """Item i: (i, media tensor or None when it failed to decode), or (i, stored features) with a cache."""
-    def __init__(self, examples: list[Example], transform: MediaTransform | None, features=None):
-        self.examples, self.transform, self.features = examples, transform, features
+    """Item i: (i, media tensor or None when it failed to decode), or (i, stored features) with a cache.
+    Training asks for (i, epoch): example i's augmentation in that epoch is drawn from a generator seeded by
+    (seed, epoch, i), so a run is a pure function of its seed, with loader workers or without, and a resumed
+    run sees the augmented batches the uninterrupted run would have seen."""
+    def __init__(self, examples: list[Example], transform: MediaTransform | None, features=None, seed: int = 0):
+        self.examples, self.transform, self.features, self.seed = examples, transform, features, seed
 
     def __len__(self):
         return len(self.examples)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         if self.features is not None:
             return i, self.features[i]
         try:
-            return i, self.transform(self.examples[i].media)
+            return i, self.transform(self.examples[i].media, np.random.default_rng([self.seed, epoch, i]))
         except MediaError as e:
             print(f"warning: skipped {e}", file=sys.stderr)  # one line, also from a loader worker
             return i, None

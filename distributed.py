@@ -116,6 +116,15 @@ def gather_to_master(part: dict) -> dict:
     return {k: v for p in parts for k, v in p.items()} if rank == 0 else {}
 
 
+def max_over_processes(value: int, device) -> int:
+    """The largest of every process's value (one tiny all_reduce per call; just the value with one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)

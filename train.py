@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -179,14 +180,15 @@ def epoch_order(n: int, epoch: int) -> list[int]:
 
 
 def micro_batches(n: int, first_step: int):
-    """The example indices of each micro-step from `first_step` on: shuffled epochs, a pure function of
-    (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    """The (example index, epoch) pairs of each micro-step from `first_step` on: shuffled epochs, a pure function
+    of (seed, step), so a resumed run sees exactly the batches (and, through the epoch, the augmentations) the
+    uninterrupted run would have seen."""
     step = first_step
     while True:
         start, out = (step * world + rank) * batch_size, []
         while len(out) < batch_size:
             epoch, offset = divmod(start + len(out), n)
-            out += epoch_order(n, epoch)[offset:offset + batch_size - len(out)]
+            out += [(i, epoch) for i in epoch_order(n, epoch)[offset:offset + batch_size - len(out)]]
         yield out
         step += 1
 
@@ -194,7 +196,7 @@ def micro_batches(n: int, first_step: int):
 def batches(examples, features, tokenizer, transform, first_step: int, blind: bool):
     """Training batches from micro-step `first_step` on (see data.Collate for what a batch holds)."""
     loader = torch.utils.data.DataLoader(
-        data.ExampleDataset(examples, transform, features), batch_sampler=micro_batches(len(examples), first_step),
+        data.ExampleDataset(examples, transform, features, seed), batch_sampler=micro_batches(len(examples), first_step),
         num_workers=0 if features is not None else num_workers, collate_fn=data.Collate(examples, tokenizer, blind=blind),
         pin_memory=device_type == "cuda")
     return iter(loader)
@@ -229,10 +231,11 @@ def lr_factor(it: int) -> float:
         return (it + 1) / warmup_iters
     progress = min(1.0, (it - warmup_iters) / max(1, (lr_decay_iters or max_iters) - warmup_iters))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-def save_checkpoint(model, optimizer, it: int, run_dir: Path) -> None:
+def save_checkpoint(model, optimizer, scaler, it: int, run_dir: Path) -> None:
     """state.pt (everything to resume) then ckpt.safetensors (what sample.py needs), each written to a
     temporary file and renamed: a kill at any moment leaves the previous checkpoint whole."""
-    state = {"iter": it, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+    state = {"iter": it, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "torch_rng": torch.get_rng_state(),
              "adapter": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}}
     tmp = run_dir / "state.pt.tmp"
     torch.save(state, tmp)
@@ -240,7 +243,7 @@ def save_checkpoint(model, optimizer, it: int, run_dir: Path) -> None:
     hub.save_adapter(model, run_dir / "ckpt.safetensors", {**run_config(), "iter": it})
 
 
-def load_state(model, optimizer, run_dir: Path) -> int:
+def load_state(model, optimizer, scaler, run_dir: Path) -> int:
     path = run_dir / "state.pt"
     if not path.exists():
         sys.exit(f"--init_from=resume: no {path} (train first, or check --out_dir)")
@@ -255,6 +258,8 @@ def load_state(model, optimizer, run_dir: Path) -> int:
                 sys.exit(f"--init_from=resume: {path} does not match this configuration (parameter {n})")
             params[n].copy_(v)
     optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # float16 runs only (a disabled scaler's state is empty)
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     return state["iter"]
 
@@ -296,8 +301,9 @@ def cached_features(model, train_ex, eval_ex, transform):
     return out
 
 
-def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> dict:
-    """One run of the recipe (blind: the media blanked). Returns the held-out scores."""
+def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool, resume: bool) -> dict:
+    """One run of the recipe (blind: the media blanked), from scratch or resumed from run_dir/state.pt.
+    Returns the held-out scores."""
     run_dir.mkdir(parents=True, exist_ok=True)
     eval_tf = data.MediaTransform.for_encoder(modality, model.encoder)
     train_tf = data.MediaTransform.for_encoder(modality, model.encoder, train=augment and not cache_features)
@@ -305,7 +311,9 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
     if cache_features:
         train_ex, feats_train, eval_ex, feats_eval = cached_features(model, train_ex, eval_ex, eval_tf)
     optimizer = make_optimizer(model)
-    it = load_state(model, optimizer, run_dir) if init_from == "resume" else 0
+    # float16 (GPUs without bf16) needs its loss scaled so that small gradients do not underflow to zero
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    it = load_state(model, optimizer, scaler, run_dir) if resume else 0
     fwd = torch.compile(model) if compile else model
     if ddp:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device] if device_type == "cuda" else None)
@@ -332,17 +340,27 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
             with sync, autocast:
                 _, loss = fwd(media, batch["ids"].to(device), batch["mask"].to(device),
                               batch["targets"].to(device), features=feats)
-            (loss / grad_accum).backward()
+            scaler.scale(loss / grad_accum).backward()
             interval_loss += loss.detach() / grad_accum
             tokens, samples = tokens + int(batch["mask"].sum()), samples + len(batch["index"])
         if fsdp and world > 1:
             distributed.average_adapter_gradients(model)
+        scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         it += 1
         pbar.update(1)
+        stop = distributed.max_over_processes(stop_signal, device)  # every process stops after the same step
+        if stop:
+            if master:
+                save_checkpoint(model, optimizer, scaler, it, run_dir)
+            say(f"stopped by {signal.Signals(stop).name} after iteration {it}: checkpoint written to {run_dir}/. "
+                f"Continue with the same command and --init_from resume (exit status {128 + stop})")
+            distributed.finish()
+            sys.exit(128 + stop)
         evaluate_now = it % eval_interval == 0 or it == max_iters
         if not (it % log_interval == 0 or evaluate_now):
             continue
@@ -358,6 +376,7 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
         pbar.set_postfix(loss=f"{train_loss:.3f}", samples_s=f"{row['samples_per_s']:.1f}")
         if master:
             log.write(json.dumps(row) + "\n")
+            log.flush()
         t0, tokens, samples = time.time(), 0, 0
         interval_loss.zero_()
         interval_start = it
@@ -368,7 +387,7 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool) -> di
             if master:
                 log.write(json.dumps({"iter": it, "val_loss": val}) + "\n")
                 log.flush()
-                save_checkpoint(model, optimizer, it, run_dir)
+                save_checkpoint(model, optimizer, scaler, it, run_dir)
                 plot_curves(run_dir / "log.jsonl", run_dir / "curves.png")
                 pbar.write(f"iter {it}: train loss {train_loss:.4f}, held-out loss {val:.4f}")
     pbar.close()
@@ -382,7 +401,18 @@ def scores_table(scores: dict, blind: dict | None = None) -> str:
     return results_table(scores, blind, eval_split)
 
 
+# ---- preemption: a scheduler's SIGTERM (or SLURM's --signal=USR1@...) costs at most the current step ----
+stop_signal = 0
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signum  # the loop checks after each optimizer step, then checkpoints and exits 128 + signum
+
+
 def main():
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, request_stop)
     if eval_only:
         run_eval_only()
     else:
@@ -414,12 +444,13 @@ def run_training():
             f"{whole / 2**20:,.1f} MiB in all")
     train_ex, eval_ex = load_examples()
     say(f"{len(train_ex):,} training and {len(eval_ex):,} held-out examples")
-    scores = train(model, tokenizer, train_ex, eval_ex, out_dir, blind=False)
+    scores = train(model, tokenizer, train_ex, eval_ex, out_dir, blind=False, resume=init_from == "resume")
     blind = None
     if blind_control:
         torch.manual_seed(seed)  # the same recipe, a fresh adapter, the media blanked
         control = EPALM(model.lm, model.encoder, epalm_config()).to(device)
-        blind = train(control, tokenizer, train_ex, eval_ex, out_dir / "blind", blind=True)
+        blind = train(control, tokenizer, train_ex, eval_ex, out_dir / "blind", blind=True,  # not started yet?
+                      resume=init_from == "resume" and (out_dir / "blind" / "state.pt").exists())
     if master:
         print(scores_table(scores, blind))
         (out_dir / "results.json").write_text(json.dumps({"scores": scores, "blind": blind,
