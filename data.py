@@ -188,13 +188,13 @@ def model_inputs(batch: dict, device, cached: bool):
     return (None, x) if cached else (x, None)
 
 
-MAX_FAILED = 0.01  # more undecodable media than this fraction stops a run: a wrong folder, not a few bad files
+MAX_FAILED = 0.01  # more undecodable media than this stops a run: a wrong folder or format, not a few bad files
 
 
-def check_failures(failed: int, total: int, what: str, at_least: int = 0) -> None:
-    """Stop with one line when more than MAX_FAILED of `what` failed to decode (counted over at least
-    `at_least` items, so that one bad file among the first few is not yet a verdict)."""
-    if failed > MAX_FAILED * max(total, at_least):
+def check_failures(failed: int, total: int, what: str) -> None:
+    """Stop with one line when more than MAX_FAILED of `what` failed to decode, counted over at least 100 items
+    (so that one bad file among the first few, or in a tiny split, is not yet a verdict)."""
+    if failed > MAX_FAILED * max(total, 100):
         sys.exit(f"error: more than {MAX_FAILED:.0%} of the {what} failed to decode ({failed} of {total}): "
                  f"check --data_dir (each failure was named above)")
 

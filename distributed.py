@@ -5,7 +5,7 @@ Under torchrun every process trains on its own batches (train.micro_batches) and
   adapter's gradients.
 - FSDP (`--fsdp`, FSDP2's fully_shard): every process holds 1/world of each frozen weight (its rows of every LM
   layer and encoder block, cut along dim 0, and of the weights outside the blocks) and the whole adapter,
-  replicated; the adapter's gradients are averaged here, one all_reduce per trainable tensor.
+  replicated; the adapter's gradients are averaged here, one all_reduce per step.
 Evaluation and feature caching split their batches over the processes in both cases: process r takes batches
 r, r + world, ... of the one-process batching, so results are bit-identical to one process's; rank 0 gathers.
 Under FSDP a forward is a collective (the weights are gathered layer by layer), so every process must run the
@@ -79,12 +79,15 @@ def frozen_bytes(model) -> tuple[int, int]:
 
 
 def average_adapter_gradients(model) -> None:
-    """What DDP does for the adapter under FSDP: every process ends the step with the mean gradient."""
+    """What DDP does for the adapter under FSDP: every process ends the step with the mean gradient. The
+    gradients travel as one flat tensor: one all_reduce per step, not one per trainable tensor."""
     _, world = rank_and_world()
-    for p in model.trainable_parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+    grads = [p.grad for p in model.trainable_parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 # ---- evaluation shared over the processes ----

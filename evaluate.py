@@ -44,9 +44,9 @@ class EvalConfig:
 def eval_batches(examples, features, tokenizer, transform, cfg: EvalConfig, blind=False, with_target=True,
                  max_batches: int | None = None):
     """(batch, own) for this process's share of the batches of `examples` (the first max_batches of them).
-    Undecodable media are skipped with a warning (data.ExampleDataset). Under FSDP a process without a batch
-    of its own to run (a stand-in turn, or a batch where nothing decodes) runs a one-item stand-in whose
-    results are dropped (own False): the other processes wait for it in every forward."""
+    Undecodable media are skipped with a warning (data.ExampleDataset) and counted (batch["dropped"]). A batch
+    where nothing decodes comes empty; under FSDP it, and a stand-in turn, become a one-item stand-in batch
+    whose results are dropped (own False): the other processes wait for it in every forward."""
     n = -(-len(examples) // cfg.batch_size)
     mine = distributed.my_batches(min(n, max_batches or n), cfg.fsdp)
     spans = [range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, len(examples))) for k in mine if k is not None]
@@ -59,7 +59,9 @@ def eval_batches(examples, features, tokenizer, transform, cfg: EvalConfig, blin
         if batch is not None and batch["index"]:
             yield batch, True
         elif cfg.fsdp:
-            yield stand_in(examples, features, transform, collate), False
+            yield {**stand_in(examples, features, transform, collate), "dropped": batch["dropped"] if batch else 0}, False
+        else:
+            yield batch, False
 
 
 def stand_in(examples, features, transform, collate):
@@ -78,9 +80,13 @@ def predict(model, tokenizer, examples, features, transform, cfg: EvalConfig, bl
     """Generated text per example id, on rank 0 (undecodable media are left out)."""
     rank, world = distributed.rank_and_world()
     all_done = functools.partial(distributed.all_ranks_done, device=cfg.device) if cfg.fsdp else None
-    preds, total = {}, len(distributed.my_batches(-(-len(examples) // cfg.batch_size), cfg.fsdp))
+    preds, failed = {}, 0
+    total = len(distributed.my_batches(-(-len(examples) // cfg.batch_size), cfg.fsdp))
     batches = eval_batches(examples, features, tokenizer, transform, cfg, blind, with_target=False)
     for batch, own in tqdm(batches, total=total, desc="generating", unit="batch", leave=False, disable=rank != 0):
+        failed += batch["dropped"]
+        if not batch["index"]:
+            continue
         media, feats = data.model_inputs(batch, cfg.device, cached=features is not None)
         with cfg.autocast:
             out = model.generate(media, batch["ids"].to(cfg.device), batch["mask"].to(cfg.device), features=feats,
@@ -90,6 +96,9 @@ def predict(model, tokenizer, examples, features, transform, cfg: EvalConfig, bl
         if own:
             for i, tokens in zip(batch["index"], out):
                 preds[examples[i].id] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    # every process learns the total, so that all stop together under the same rule as training
+    failed = int(distributed.sum_over_processes(torch.tensor([failed], device=cfg.device)).item())
+    data.check_failures(failed, len(examples), "held-out media")
     return distributed.gather_to_master(preds)
 
 

@@ -273,6 +273,8 @@ def eval_loss(model, examples, features, tokenizer, transform, blind) -> float:
     total = torch.zeros(2, device=device)  # sum of per-item losses, number of items
     for batch, own in eval_batches(examples, features, tokenizer, transform, eval_config(), blind,
                                    max_batches=eval_iters):
+        if not batch["index"]:
+            continue
         media, feats = data.model_inputs(batch, device, cached=features is not None)
         with autocast:
             _, loss = model(media, batch["ids"].to(device), batch["mask"].to(device), batch["targets"].to(device),
@@ -334,7 +336,7 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool, resum
         for micro in range(grad_accum):
             batch = next(stream)
             seen, dropped = seen + len(batch["index"]) + batch["dropped"], dropped + batch["dropped"]
-            data.check_failures(dropped, seen, "training media", at_least=100)
+            data.check_failures(dropped, seen, "training media")
             media, feats = data.model_inputs(batch, device, cached=cache_features)
             sync = nullcontext() if not ddp or micro == grad_accum - 1 else fwd.no_sync()
             with sync, autocast:
