@@ -61,7 +61,7 @@ class LlamaConfig:
         # transformers 5 writes rope_parameters; the official files carry rope_theta and rope_scaling
         rope = dict(d.get("rope_parameters") or {**(d.get("rope_scaling") or {}),
                                                   "rope_theta": d.get("rope_theta", 10000.0)})
-        rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+        rope["rope_type"] = rope.pop("type", rope.get("rope_type", "default"))  # older files say "type"
         if rope["rope_type"] not in ("default", "llama3"):
             raise ValueError(f"config.json: rope type {rope['rope_type']!r} is not supported (default, llama3)")
         limit = d.get("max_position_embeddings", cls.max_position_embeddings)
