@@ -10,12 +10,11 @@ layers), and the layers after the window carry that position along.
 Sequence seen by the LM (left-padded text):   [media] [prompt x P] [pad ... pad] [text ...]
   - media: exists only from layer `start` on and attends only to itself (it is the first slot, so plain
     causality gives exactly that: unlike the official code, it never sees future text or padding);
-  - positions: text from 0 over its real tokens, as if there were neither prompt nor padding; the prompt just
-    before it (-P..-1), the media token before that (-P-1). OPT's learned table has no negative rows: prompt
-    and media get no position, as in eP-ALM. Rotary positions (Llama) turn by any integer and only differences
-    reach attention: the LM sees [media, prompt, text] as one contiguous run, as in DePALM's recomputed
-    positions and as in pretraining, where no two keys ever shared a position (giving all inserted tokens one
-    position would blur them together);
+  - positions: text from 0 over its real tokens (padding moves nothing), the prompt just before it (-P..-1),
+    the media token before that (-P-1). OPT's learned table has no negative rows: prompt and media get no
+    position, as in eP-ALM. Rotary positions (Llama) only reach attention as differences: the LM sees one
+    contiguous run [media, prompt, text], as DePALM does and as in pretraining, where no two keys ever shared
+    a position (one shared position would blur the inserted tokens together);
   - padding is never attended; every query attends to itself so padded rows stay finite.
 
 The LM (opt.OPT, llama.Llama) offers: config (hidden_size, num_hidden_layers, max_position_embeddings,
@@ -133,15 +132,12 @@ class EPALM(nn.Module):
         return self.lm.embed(tok, positions), positions, valid
 
     def run_layers(self, h, positions, valid, inj=None, cache=None, slots=None):
-        """The only loop through the LM's layers, with injection: used by the training forward, the prefill and
-        the decode step of generation. Slots of the sequence: [media, prompt, text, generated ...].
-        h: (B, T, hidden), the new positions, at `slots` (T,) (None: 1..T, without a cache), with `positions`
-          (B, T) (embed's);
-        valid: (B, S) key mask over the slots (S = 1+T without a cache, the cache's length with one); its media
-          column says whether slot 0 holds a media token (from layer `start` on; below, it is never attended);
-        inj: (B, K, hidden) media tokens to inject (training, prefill): media enters h iff inj is given. In
-          decode steps the media token's keys and values are already in the cache;
-        cache: one opt.KVCache per layer, or None."""
+        """The only loop through the LM's layers, with injection (training forward, prefill, decode step).
+        h: (B, T, hidden) at `positions` (B, T), in `slots` (T,) of [media, prompt, text, generated ...] (None:
+          1..T, without a cache); valid: (B, S) key mask over the slots (S = 1+T without a cache, the cache's
+          length with one), its column 0 saying whether a media token exists; inj: (B, K, hidden) tokens to
+          inject (training, prefill; in decode steps the media token is in the cache); cache: one KVCache per
+          layer, or None."""
         below, above = self.layer_inputs(positions, valid, slots, media=inj is not None, cached=cache is not None)
         for i, layer in enumerate(self.lm.layers):
             if inj is not None and i in self.level_at:  # first prepended, then overwritten
@@ -160,19 +156,14 @@ class EPALM(nn.Module):
             no     yes    keys 1..T                      queries and keys 0..T (slot 0 added)
             yes    no     all slots, slot 0 masked       all slots, slot 0 as valid says (decode)
             yes    yes    all slots, slot 0 masked       all slots, query slot 0 added (prefill)
-
         The media token's position is just before the prompt's, -(P+1): see the file's docstring."""
-        if slots is None:
-            slots = torch.arange(1, positions.shape[1] + 1, device=valid.device)
-        late_slots, late_positions = slots, positions
-        if media:
-            late_slots = torch.cat([slots.new_zeros(1), slots])
-            late_positions = F.pad(positions, (1, 0), value=-1 - self.config.prompt_length)
+        slots = torch.arange(1, positions.shape[1] + 1, device=valid.device) if slots is None else slots
+        late_slots = torch.cat([slots.new_zeros(1), slots]) if media else slots
+        late_positions = F.pad(positions, (1, 0), value=-1 - self.config.prompt_length) if media else positions
         early = causal_mask(valid & (torch.arange(valid.shape[1], device=valid.device) > 0), slots)
         late = causal_mask(valid, late_slots)
-        if not cached:  # the keys are h's own positions: slot 0 only while the media token is in h
-            early = early[..., 1:]
-            late = late if media else late[..., 1:]
+        if not cached:  # the keys are h's own rows: slot 0 only while the media token is in h
+            early, late = early[..., 1:], (late if media else late[..., 1:])
         return (early, slots, self.lm.rotary(positions)), (late, late_slots, self.lm.rotary(late_positions))
 
     def forward(self, media=None, input_ids=None, attention_mask=None, targets=None, features=None):
@@ -198,8 +189,6 @@ class EPALM(nn.Module):
 
 # ---- backbones, and a model rebuilt from an adaptation checkpoint (its file format: hub.py) ----
 ENCODERS = {"image": ViT, "audio": AST, "video": TimeSformer}
-
-
 # config.json's model_type -> (the LM, its tokenizer loader)
 LANGUAGE_MODELS = {"opt": (opt.OPT, opt.load_tokenizer), **{t: (llama.Llama, llama.load_tokenizer)
                                                            for t in llama.MODEL_TYPES}}
