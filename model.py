@@ -72,8 +72,8 @@ class EPALM(nn.Module):
         self.level_at = {self.start + (k * width) // K: k for k in range(K)}  # LM layer -> encoder level
         n_conn = 1 if config.shared_connector else K
         self.connector = nn.ModuleList(nn.Linear(encoder.hidden_size, hidden) for _ in range(n_conn))
-        # the prompt lives in token-embedding space (before project_in); start from real token embeddings,
-        # from row 4 on: rows 0-3 are the special tokens <s> <pad> </s> <unk>
+        # the prompt lives in token-embedding space (before OPT's project_in); start from real token embeddings,
+        # from row 4 on: OPT's rows 0-3 are its special tokens <s> <pad> </s> <unk> (Llama 2's: 0-2)
         emb = lm.embed_tokens.weight
         rows = torch.randint(4, emb.shape[0], (config.prompt_length,), device="cpu").to(emb.device)
         # no prompt, no parameter: an empty one would make autograd record every layer below the window

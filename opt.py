@@ -2,7 +2,8 @@
 
 A decoder-only transformer with learned positions (offset 2), pre-LayerNorm layers (post-LayerNorm for
 opt-350m, which also projects 512-d word embeddings in and out of its 1024-d residual stream) and an LM head
-tied to the token embedding. Loads the official `facebook/opt-*` checkpoints.
+tied to the token embedding. Loads the official `facebook/opt-*` checkpoints. Also the pieces every LM here
+shares (llama.py imports them): position_ids, causal_mask and the preallocated KVCache.
 
 References:
 - Zhang et al. 2022, "OPT: Open Pre-trained Transformer Language Models", arXiv:2205.01068.
