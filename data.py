@@ -136,20 +136,27 @@ class ExampleDataset(torch.utils.data.Dataset):
             return i, None
 
 
-def special_id(tokenizer, token: str) -> int:
-    token_id = tokenizer.token_to_id(token)
-    if token_id is None:
-        raise ValueError(f"the tokenizer has no {token} token, which eP-ALM's text layout needs (OPT's has it)")
-    return token_id
+def special_ids(tokenizer) -> tuple[int, int, int]:
+    """BOS, EOS and pad: the ids a tokenizer carries (llama.TextTokenizer, from the checkpoint's config files),
+    else OPT's tokens by name: `</s>` (BOS and EOS) and `<pad>`."""
+    if hasattr(tokenizer, "eos_token_id"):
+        return tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = []
+    for token in ("</s>", "<pad>"):
+        ids.append(tokenizer.token_to_id(token))
+        if ids[-1] is None:
+            raise ValueError(f"the tokenizer has no {token} token, which eP-ALM's text layout needs (OPT's has it)")
+    return ids[0], ids[0], ids[1]
 
 
 def text_batch(tokenizer, prompts: list[str], targets: list[str] | None = None):
-    """Left-padded ids and mask of `</s> prompt target </s>`, and targets: the ids where the target text is,
-    -100 on BOS, prompt and padding (model.py scores position t's logits against targets[t + 1])."""
-    eos, pad = special_id(tokenizer, "</s>"), special_id(tokenizer, "<pad>")
+    """Left-padded ids and mask of `<bos> prompt target <eos>` (OPT: `</s> prompt target </s>`), and targets: the
+    ids where the target text is, -100 on BOS, prompt and padding (model.py scores position t's logits against
+    targets[t + 1])."""
+    bos, eos, pad = special_ids(tokenizer)
     rows, sups = [], []
     for k, p in enumerate(prompts):
-        prompt = tokenizer.encode(p).ids
+        prompt = [bos] + tokenizer.encode(p, add_special_tokens=False).ids
         target = [] if targets is None else tokenizer.encode(targets[k], add_special_tokens=False).ids + [eos]
         rows.append(prompt + target)
         sups.append([-100] * len(prompt) + target)

@@ -10,7 +10,8 @@ length_penalty, and a sample stops taking new ones when it has `beams` of them.
 
 Slots of the sequence (one cache row per sample, or per beam): [media] [prompt x P] [text x T] [generated ...];
 slot 0 is written only by the layers that see the media token. The model argument is duck-typed (model.py's
-EPALM: inject_tokens, embed, run_layers, lm, config); this file does not import model.py.
+EPALM: inject_tokens, embed, run_layers, lm, config; the LM's interface is in model.py's docstring); this file
+does not import model.py. EOS may be several ids (Llama 3): a row ends at any of them.
 
 References: pytorch-labs/gpt-fast generate.py (prefill, decode_one_token, compile with mode="reduce-overhead");
 transformers' GenerationMixin._beam_search (the semantics matched here, checked by tests/test_generate.py).
@@ -23,7 +24,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import opt
 from opt import KVCache
 
 TEXT_BUCKET = 16  # compiled steps: the text is left-padded to a multiple of this, so few shapes get compiled
@@ -33,32 +33,33 @@ NEG = -1.0e9  # transformers' "impossible" score: the same constant, so ties bre
 def prefill(model, input_ids, attention_mask, inj, cache: list[KVCache], max_new_tokens: int):
     """The prompt and text (and media, if inj) into the cache. Returns the next-token logits (B, vocab) and the
     key mask over every slot of the cache (generated slots valid from the start: causality hides the future)."""
-    h, valid = model.embed(input_ids, attention_mask, media=inj is not None)
+    h, positions, valid = model.embed(input_ids, attention_mask, media=inj is not None)
     valid = F.pad(valid, (0, max_new_tokens), value=True)
     slots = torch.arange(1, h.shape[1] + 1, device=h.device)
-    return model.lm.logits(model.run_layers(h, valid, inj, cache, slots)[:, -1]), valid
+    return model.lm.logits(model.run_layers(h, positions, valid, inj, cache, slots)[:, -1]), valid
 
 
 def decode_one_token(model, cache: list[KVCache], tokens, positions, slot, valid):
     """One new token per row (tokens, positions: (N,)) stored at cache slot `slot` (1,); returns (N, vocab)
     logits. Static shapes: every argument keeps its shape from step to step."""
-    lm = model.lm
-    h = lm.project_in(lm.embed_tokens(tokens[:, None])) + lm.positions(positions[:, None])
-    return lm.logits(model.run_layers(h, valid, None, cache, slot)[:, -1])
+    lm, positions = model.lm, positions[:, None]
+    h = lm.embed(lm.embed_tokens(tokens[:, None]), positions)
+    return lm.logits(model.run_layers(h, positions, valid, None, cache, slot)[:, -1])
 
 
 _compiled = {}
 _kept_caches = weakref.WeakKeyDictionary()  # model -> its KV cache, kept between calls when compiled
 
 
-def new_cache(model, rows: int, slots: int, dtype, device, keep: bool) -> list[KVCache]:
-    """A zeroed KV cache; with keep (compiled steps), the same buffers again on each call of the same shape, so
-    that CUDA graphs replay against the addresses they recorded (as gpt-fast's setup_caches), marked static."""
+def generation_cache(model, rows: int, slots: int, dtype, device, keep: bool) -> list[KVCache]:
+    """A zeroed KV cache (the LM's new_cache); with keep (compiled steps), the same buffers again on each call of
+    the same shape, so that CUDA graphs replay against the addresses they recorded (as gpt-fast's setup_caches),
+    marked static."""
     old = _kept_caches.get(model) if keep else None
     k = None if old is None else old[0].k
     if k is not None and (k.shape[0], k.shape[2], k.dtype, k.device) == (rows, slots, dtype, device):
         return old  # what it holds from the last call is finite, and every slot is written before it is read
-    cache = opt.new_cache(model.lm.config, rows, slots, dtype, device)
+    cache = model.lm.new_cache(rows, slots, dtype, device)
     if keep:
         for layer in cache:
             torch._dynamo.mark_static_address(layer.k)
@@ -107,10 +108,11 @@ def generate(model, media=None, input_ids=None, attention_mask=None, *, max_new_
     """New tokens per sample (the final EOS not included); input_ids LEFT padded.
     temperature 0: greedy, or beam search when num_beams > 1 (which ignores temperature, top_k and top_p);
     > 0: sampling with optional top_k / top_p.
-    eos_token_id None: the LM's. all_done: see stop_check. Rows already finished are fed EOS (greedy, sampling)
-    or keep their beams (beam search) until every row is, so all of them run the same steps."""
+    eos_token_id None: the LM's; one id or a list. all_done: see stop_check. Rows already finished are fed EOS
+    (greedy, sampling) or keep their beams (beam search) until every row is, so all of them run the same steps."""
     lm = model.lm
     eos = lm.config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = torch.tensor(eos, device=input_ids.device).view(-1)  # one id or several
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if compile and input_ids.shape[1] % TEXT_BUCKET:  # a few static shapes, not one per text length (VQA)
@@ -127,7 +129,7 @@ def generate(model, media=None, input_ids=None, attention_mask=None, *, max_new_
     device = input_ids.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else lm.embed_tokens.weight.dtype  # what the layers' key and value projections will output
-    cache = new_cache(model, B * beams, start + max_new_tokens, dtype, device, keep=compile)
+    cache = generation_cache(model, B * beams, start + max_new_tokens, dtype, device, keep=compile)
     # row = sample * beams + beam: the prefill fills each sample's first beam, the other beams copy its slots
     logits, valid = prefill(model, input_ids, attention_mask, inj, [c.every(beams) for c in cache], max_new_tokens)
     for buf in (b for c in cache for b in (c.k, c.v)):
@@ -176,14 +178,14 @@ def greedy_or_sample(logits, run, B, max_new_tokens, eos, temperature, top_k, to
     steps = max_new_tokens
     for t in range(max_new_tokens):
         tok = pick_token(logits.float(), temperature, top_k, top_p)
-        tok = torch.where(done, eos, tok)
+        tok = torch.where(done, eos[0], tok)
         out[:, t] = tok
-        done = done | (tok == eos)
+        done = done | torch.isin(tok, eos)
         if t == max_new_tokens - 1 or run.check(done.all()):
             steps = t + 1
             break
         logits = advance(run, tok)
-    return [until_eos(row, eos) for row in out[:, :steps].tolist()]
+    return [until_eos(row, eos.tolist()) for row in out[:, :steps].tolist()]
 
 
 def beam_search(logits, run, B, nb, max_new_tokens, eos, length_penalty, start):
@@ -204,7 +206,7 @@ def beam_search(logits, run, B, nb, max_new_tokens, eos, length_penalty, start):
         parent, tok = top_idx // V, top_idx % V
         seqs = run_seqs.gather(1, parent[..., None].expand(-1, -1, M))
         seqs[:, :, t - 1] = tok
-        eos_hit = tok == eos
+        eos_hit = torch.isin(tok, eos)
         ends = eos_hit if t < M else torch.ones_like(eos_hit)
         # the best nb candidates that do not end go on
         run_scores, keep = (top_scores + ends * NEG).topk(nb)
@@ -245,5 +247,5 @@ def pick_token(logits, temperature=0.0, top_k=None, top_p=None) -> torch.Tensor:
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
-def until_eos(tokens: list[int], eos: int) -> list[int]:
-    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+def until_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in eos), tokens)

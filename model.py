@@ -8,10 +8,19 @@ position 0 at layer `start`, each next one overwrites position 0 at a later laye
 layers), and the layers after the window carry that position along.
 
 Sequence seen by the LM (left-padded text):   [media] [prompt x P] [pad ... pad] [text ...]
-  - media: exists only from layer `start` on and attends only to itself (it is position 0, so plain
+  - media: exists only from layer `start` on and attends only to itself (it is the first slot, so plain
     causality gives exactly that: unlike the official code, it never sees future text or padding);
-  - prompt: no positional embedding; text positions start at 0 as if there were no prompt;
+  - positions: text from 0 over its real tokens (padding moves nothing), the prompt just before it (-P..-1),
+    the media token before that (-P-1). OPT's learned table has no negative rows: prompt and media get no
+    position, as in eP-ALM. Rotary positions (Llama) only reach attention as differences: the LM sees one
+    contiguous run [media, prompt, text], as DePALM does and as in pretraining, where no two keys ever shared
+    a position (one shared position would blur the inserted tokens together);
   - padding is never attended; every query attends to itself so padded rows stay finite.
+
+The LM (opt.OPT, llama.Llama) offers: config (hidden_size, num_hidden_layers, max_position_embeddings,
+pad_token_id, eos_token_id: one id or a list), embed_tokens (nn.Embedding; the soft prompt lives in its space),
+embed(x, positions) -> h, rotary(positions) -> what its layers need of positions (None for OPT),
+layers[i](h, mask, cache, slots, rotary) -> h, logits(h), new_cache(rows, slots, dtype, device) -> [KVCache].
 """
 from dataclasses import dataclass
 
@@ -20,9 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hub
+import llama
+import opt
 from ast_audio import AST
-import generate
-from opt import OPT, causal_mask, load_tokenizer
+from generate import generate as generate_tokens
+from opt import causal_mask, position_ids
 from timesformer import TimeSformer
 from vit import ViT
 
@@ -61,8 +72,8 @@ class EPALM(nn.Module):
         self.level_at = {self.start + (k * width) // K: k for k in range(K)}  # LM layer -> encoder level
         n_conn = 1 if config.shared_connector else K
         self.connector = nn.ModuleList(nn.Linear(encoder.hidden_size, hidden) for _ in range(n_conn))
-        # the prompt lives in token-embedding space (before project_in); start from real token embeddings,
-        # from row 4 on: rows 0-3 are the special tokens <s> <pad> </s> <unk>
+        # the prompt lives in token-embedding space (before OPT's project_in); start from real token embeddings,
+        # from row 4 on: OPT's rows 0-3 are its special tokens <s> <pad> </s> <unk> (Llama 2's: 0-2)
         emb = lm.embed_tokens.weight
         rows = torch.randint(4, emb.shape[0], (config.prompt_length,), device="cpu").to(emb.device)
         # no prompt, no parameter: an empty one would make autograd record every layer below the window
@@ -107,46 +118,53 @@ class EPALM(nn.Module):
         return self.prompt if self.prompt_mlp is None else self.prompt_mlp(self.prompt)
 
     def embed(self, input_ids, attention_mask, media: bool = False):
-        """Prompt + text into the LM's width: h (B, P+T, hidden), and the key mask of the slots
-        [media, prompt, text] (B, 1+P+T), its media column saying whether a media token exists."""
+        """Prompt + text into the LM's width: h (B, P+T, hidden); their positions (B, P+T), text from 0 over its
+        real tokens and the prompt just before it (-P..-1); and the key mask of the slots [media, prompt, text]
+        (B, 1+P+T), its media column saying whether a media token exists."""
         B, P = input_ids.shape[0], self.config.prompt_length
         tok = self.lm.embed_tokens(input_ids)
         if P:
             tok = torch.cat([self.prompt_vectors().to(tok.dtype).expand(B, -1, -1), tok], dim=1)
-        h = self.lm.project_in(tok)
-        pos = self.lm.positions(self.lm.position_ids(attention_mask))
-        h = h + F.pad(pos, (0, 0, P, 0))  # the prompt gets no position
+        prompt_positions = torch.arange(-P, 0, device=tok.device).expand(B, P)
+        positions = torch.cat([prompt_positions, position_ids(attention_mask)], 1)
         valid = torch.cat([attention_mask.new_full((B, 1), media), attention_mask.new_ones(B, P), attention_mask],
                           dim=1).bool()
-        return h, valid
+        return self.lm.embed(tok, positions), positions, valid
 
-    def run_layers(self, h, valid, inj=None, cache=None, slots=None):
-        """The only loop through the LM's layers, with injection: used by the training forward, the prefill and
-        the decode step of generation. Slots of the sequence: [media, prompt, text, generated ...].
-        h: (B, T, hidden), the new positions, at `slots` (T,) (None: 1..T, without a cache);
-        valid: (B, S) key mask over the slots (S = 1+T without a cache, the cache's length with one); its media
-          column says whether slot 0 holds a media token (from layer `start` on; below, it is never attended);
-        inj: (B, K, hidden) media tokens to inject (training, prefill): media enters h iff inj is given. In
-          decode steps the media token's keys and values are already in the cache;
-        cache: one opt.KVCache per layer, or None."""
-        if slots is None:
-            slots = torch.arange(1, h.shape[1] + 1, device=h.device)
-        late_slots = slots if inj is None else torch.cat([slots.new_zeros(1), slots])  # media query at slot 0
-        early = causal_mask(valid & (torch.arange(valid.shape[1], device=h.device) > 0), slots)
-        late = causal_mask(valid, late_slots)
-        if cache is None:  # the keys are h's own positions: slot 0 only while the media token is in h
-            early = early[..., 1:]
-            late = late if inj is not None else late[..., 1:]
+    def run_layers(self, h, positions, valid, inj=None, cache=None, slots=None):
+        """The only loop through the LM's layers, with injection (training forward, prefill, decode step).
+        h: (B, T, hidden) at `positions` (B, T), in `slots` (T,) of [media, prompt, text, generated ...] (None:
+          1..T, without a cache); valid: (B, S) key mask over the slots (S = 1+T without a cache, the cache's
+          length with one), its column 0 saying whether a media token exists; inj: (B, K, hidden) tokens to
+          inject (training, prefill; in decode steps the media token is in the cache); cache: one KVCache per
+          layer, or None."""
+        below, above = self.layer_inputs(positions, valid, slots, media=inj is not None, cached=cache is not None)
         for i, layer in enumerate(self.lm.layers):
-            kv = None if cache is None else cache[i]
-            if i < self.start:
-                h = layer(h, early, kv, slots)
-                continue
-            if inj is not None and i in self.level_at:
+            if inj is not None and i in self.level_at:  # first prepended, then overwritten
                 tok = inj[:, self.level_at[i]][:, None].to(h.dtype)
                 h = torch.cat([tok, h if i == self.start else h[:, 1:]], dim=1)
-            h = layer(h, late, kv, late_slots)
+            mask, at, rotary = below if i < self.start else above
+            h = layer(h, mask, None if cache is None else cache[i], at, rotary)
         return h
+
+    def layer_inputs(self, positions, valid, slots, media: bool, cached: bool):
+        """(mask, slots, rotary) for the layers below the window and for those from it on. The keys are the
+        cache's slots, or h's own rows without a cache; slot 0, the media token, is a query where it enters h:
+
+            cache  inj    below the window               from the window on
+            no     no     keys 1..T                      keys 1..T
+            no     yes    keys 1..T                      queries and keys 0..T (slot 0 added)
+            yes    no     all slots, slot 0 masked       all slots, slot 0 as valid says (decode)
+            yes    yes    all slots, slot 0 masked       all slots, query slot 0 added (prefill)
+        The media token's position is just before the prompt's, -(P+1): see the file's docstring."""
+        slots = torch.arange(1, positions.shape[1] + 1, device=valid.device) if slots is None else slots
+        late_slots = torch.cat([slots.new_zeros(1), slots]) if media else slots
+        late_positions = F.pad(positions, (1, 0), value=-1 - self.config.prompt_length) if media else positions
+        early = causal_mask(valid & (torch.arange(valid.shape[1], device=valid.device) > 0), slots)
+        late = causal_mask(valid, late_slots)
+        if not cached:  # the keys are h's own rows: slot 0 only while the media token is in h
+            early, late = early[..., 1:], (late if media else late[..., 1:])
+        return (early, slots, self.lm.rotary(positions)), (late, late_slots, self.lm.rotary(late_positions))
 
     def forward(self, media=None, input_ids=None, attention_mask=None, targets=None, features=None):
         """Logits aligned with input_ids (prompt and media positions removed). targets: like input_ids, -100
@@ -155,8 +173,8 @@ class EPALM(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         T = input_ids.shape[1]
         inj = self.inject_tokens(media, features)
-        h, valid = self.embed(input_ids, attention_mask, media=inj is not None)
-        h = self.run_layers(h, valid, inj)
+        h, positions, valid = self.embed(input_ids, attention_mask, media=inj is not None)
+        h = self.run_layers(h, positions, valid, inj)
         logits = self.lm.logits(h[:, -T:])
         loss = None
         if targets is not None:
@@ -164,31 +182,33 @@ class EPALM(nn.Module):
                                    ignore_index=-100)
         return logits, loss
 
-    @torch.no_grad()
-    def generate(self, media=None, input_ids=None, attention_mask=None, max_new_tokens=30, num_beams=1,
-                 temperature=0.0, top_k=None, top_p=None, eos_token_id=None, features=None,
-                 length_penalty=1.0, compile=False, all_done=None) -> list[list[int]]:
-        """New tokens per sample (the final EOS not included); input_ids LEFT padded. Greedy (temperature 0),
-        sampling (temperature > 0, optional top_k / top_p) or beam search (num_beams > 1, exactly transformers'
-        with early_stopping=True): see generate.py. The encoder runs once per sample, never per beam."""
-        return generate.generate(self, media, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                 num_beams=num_beams, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 eos_token_id=eos_token_id, features=features, length_penalty=length_penalty,
-                                 compile=compile, all_done=all_done)
+    # New tokens per sample, input_ids LEFT padded: greedy, sampling or beam search (transformers', with
+    # early_stopping=True), the encoder run once per sample; generate.py's function, called as a method.
+    generate = generate_tokens
 
 
 # ---- backbones, and a model rebuilt from an adaptation checkpoint (its file format: hub.py) ----
 ENCODERS = {"image": ViT, "audio": AST, "video": TimeSformer}
+# config.json's model_type -> (the LM, its tokenizer loader)
+LANGUAGE_MODELS = {"opt": (opt.OPT, opt.load_tokenizer), **{t: (llama.Llama, llama.load_tokenizer)
+                                                           for t in llama.MODEL_TYPES}}
 
 
 def load_backbones(modality: str, lm_name: str, encoder_name: str, dtype: torch.dtype | None = None, shard=None):
-    """The frozen LM, its tokenizer and the modality's frozen encoder, straight into `dtype`. shard: applied to
-    each backbone on the meta device before its weights are read (FSDP, see train.py)."""
+    """The frozen LM (the family config.json's model_type names), its tokenizer and the modality's frozen
+    encoder, straight into `dtype`. shard: applied to each backbone on the meta device before its weights are
+    read (FSDP, see train.py)."""
     if modality not in ENCODERS:
         raise ValueError(f"modality {modality!r}: expected one of {', '.join(ENCODERS)}")
-    lm = OPT.from_pretrained(lm_name, dtype=dtype, shard=shard)
+    folder = str(hub.resolve(lm_name, extra_files=("tokenizer.json", "vocab.json", "merges.txt",
+                                                   "generation_config.json")))
+    kind = hub.read_json(folder).get("model_type")
+    if kind not in LANGUAGE_MODELS:
+        raise ValueError(f"{lm_name}: model_type {kind!r} is not a supported LM ({', '.join(LANGUAGE_MODELS)})")
+    lm_class, load_tokenizer = LANGUAGE_MODELS[kind]
+    lm = lm_class.from_pretrained(folder, dtype=dtype, shard=shard)
     encoder = ENCODERS[modality].from_pretrained(encoder_name, dtype=dtype, shard=shard)
-    return lm, load_tokenizer(lm_name), encoder
+    return lm, load_tokenizer(folder), encoder
 
 
 def from_checkpoint(path, dtype: torch.dtype | None = None, shard=None):

@@ -1,8 +1,9 @@
 """OPT, the frozen language model of eP-ALM, and its GPT-2 byte-level BPE tokenizer.
 
-A decoder-only transformer with learned positions (offset 2), pre-LayerNorm blocks (post-LayerNorm for
+A decoder-only transformer with learned positions (offset 2), pre-LayerNorm layers (post-LayerNorm for
 opt-350m, which also projects 512-d word embeddings in and out of its 1024-d residual stream) and an LM head
-tied to the token embedding. Loads the official `facebook/opt-*` checkpoints.
+tied to the token embedding. Loads the official `facebook/opt-*` checkpoints. Also the pieces every LM here
+shares (llama.py imports them): position_ids, causal_mask and the preallocated KVCache.
 
 References:
 - Zhang et al. 2022, "OPT: Open Pre-trained Transformer Language Models", arXiv:2205.01068.
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 import hub
 
 POSITION_OFFSET = 2  # fairseq reserved two rows of the position table; checkpoints keep them
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+OPT_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 @dataclass
@@ -53,9 +54,9 @@ class OPTConfig:
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"OPT config: hidden_size {config.hidden_size} is not divisible by "
                              f"num_attention_heads {config.num_attention_heads}")
-        if config.activation_function not in ACTIVATIONS:
+        if config.activation_function not in OPT_ACTIVATIONS:
             raise ValueError(f"OPT config: activation_function {config.activation_function!r} is not one of "
-                             f"{sorted(ACTIVATIONS)}")
+                             f"{sorted(OPT_ACTIVATIONS)}")
         return config
 
     @classmethod
@@ -75,6 +76,12 @@ OFFICIAL_SIZES = {
     "opt-125m": (768, 12, 12), "opt-350m": (1024, 24, 16), "opt-1.3b": (2048, 24, 32), "opt-2.7b": (2560, 32, 32),
     "opt-6.7b": (4096, 32, 32), "opt-13b": (5120, 40, 40), "opt-30b": (7168, 48, 56), "opt-66b": (9216, 64, 72),
 }
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Text positions from 0, counted over the real tokens: left padding moves no token (pads get 0)."""
+    mask = attention_mask.long()
+    return (mask.cumsum(1) * mask - 1).clamp(min=0)
 
 
 def causal_mask(valid: Tensor, query_pos: Tensor) -> Tensor:
@@ -102,6 +109,10 @@ class KVCache:
         self.v.index_copy_(2, slots, v.to(self.v.dtype))
         return self.k, self.v
 
+    @classmethod
+    def zeros(cls, shape: tuple, dtype=None, device=None) -> "KVCache":
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
     def every(self, n: int) -> "KVCache":
         """Every n-th row (views: writes land in the buffers)."""
         return KVCache(self.k[::n], self.v[::n])
@@ -116,19 +127,19 @@ class KVCache:
 def new_cache(config: OPTConfig, rows: int, slots: int, dtype=None, device=None) -> list[KVCache]:
     """A zeroed KV cache for every layer."""
     shape = (rows, config.num_attention_heads, slots, config.hidden_size // config.num_attention_heads)
-    return [KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)]
+    return [KVCache.zeros(shape, dtype, device) for _ in range(config.num_hidden_layers)]
 
 
-class Block(nn.Module):
-    """One decoder layer: self-attention then a ReLU MLP, each with a residual and a LayerNorm."""
+class OPTLayer(nn.Module):
+    """One decoder layer: self-attention then an MLP (ReLU for every official size), each with a residual and a
+    LayerNorm."""
 
     def __init__(self, config: OPTConfig):
         super().__init__()
         d, bias, affine = config.hidden_size, config.enable_bias, config.layer_norm_elementwise_affine
         self.n_head = config.num_attention_heads
         self.pre_norm = config.do_layer_norm_before
-        self.activation = ACTIVATIONS[config.activation_function]
+        self.activation = OPT_ACTIVATIONS[config.activation_function]
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=bias) for _ in range(3))
         self.out_proj = nn.Linear(d, d, bias=bias)
         self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
@@ -146,8 +157,9 @@ class Block(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
-                slots: Tensor | None = None) -> Tensor:
-        """x: new positions, stored at `slots` of the cache if there is one; mask None: causal over x alone."""
+                slots: Tensor | None = None, rotary=None) -> Tensor:
+        """x: new positions, stored at `slots` of the cache if there is one; mask None: causal over x alone.
+        rotary: unused (OPT's positions enter once, in OPT.embed); there for the LM interface (model.py)."""
         if self.pre_norm:
             x = x + self.attention(self.self_attn_layer_norm(x), mask, cache, slots)
             return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
@@ -166,18 +178,25 @@ class OPT(nn.Module):
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, d)
         self.project_in = nn.Linear(e, d, bias=False) if e != d else nn.Identity()
         self.project_out = nn.Linear(d, e, bias=False) if e != d else nn.Identity()
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(OPTLayer(config) for _ in range(config.num_hidden_layers))
         final_norm = config.do_layer_norm_before and not config.remove_final_layer_norm
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=config.layer_norm_elementwise_affine) \
             if final_norm else nn.Identity()
 
-    @staticmethod
-    def position_ids(attention_mask: Tensor) -> Tensor:
-        mask = attention_mask.long()
-        return (mask.cumsum(1) * mask - 1).clamp(min=0)  # left pads: position 0, real tokens count from 0
+    position_ids = staticmethod(position_ids)
 
-    def positions(self, position_ids: Tensor) -> Tensor:
-        return self.embed_positions(position_ids + POSITION_OFFSET)
+    def embed(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Token-embedding-space vectors x (B, T, word_embed_proj_dim) at positions (B, T) into the residual
+        stream. A negative position (the soft prompt, model.py) gets no position embedding: the table has none."""
+        pos = self.embed_positions(positions.clamp(min=0) + POSITION_OFFSET)
+        return self.project_in(x) + torch.where((positions >= 0)[..., None], pos, 0)
+
+    def rotary(self, positions: Tensor) -> None:
+        """What the layers need to know of positions: nothing, they entered in embed."""
+        return None
+
+    def new_cache(self, rows: int, slots: int, dtype=None, device=None) -> list[KVCache]:
+        return new_cache(self.config, rows, slots, dtype, device)
 
     def logits(self, h: Tensor) -> Tensor:
         return F.linear(self.project_out(self.final_layer_norm(h)), self.embed_tokens.weight)
@@ -194,7 +213,7 @@ class OPT(nn.Module):
         else:
             position_ids = self.position_ids(attention_mask)
             mask = causal_mask(attention_mask.bool(), torch.arange(T, device=input_ids.device))
-        x = self.project_in(self.embed_tokens(input_ids)) + self.positions(position_ids)
+        x = self.embed(self.embed_tokens(input_ids), position_ids)
         for layer in self.layers:
             x = layer(x, mask)
         return self.logits(x)
