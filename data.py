@@ -3,6 +3,7 @@ batches, and the cache of encoder features. Decoding is in media.py, the benchma
 
 An Example is one media item with a prompt and a target: a caption is `</s> caption </s>` (empty prompt), VQA is
 `</s> question? </a> answer </s>` (the official eP-ALM format); only the target and its `</s>` are trained on.
+Those are OPT's ids (`</s>` is its BOS and EOS); a Llama-family LM gets `<bos> prompt target <eos>` with its own.
 
 References: Shukor, Dancette, Cord, "eP-ALM: Efficient Perceptual Augmentation of Language Models" (ICCV 2023) and
 its official code for the text layout; Park et al., "SpecAugment" (2019) as AST trains with it.
