@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ast_audio import resample
+from fbank import resample
 
 
 class MediaError(ValueError):
