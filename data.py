@@ -22,9 +22,8 @@ from tqdm import tqdm
 
 import fbank
 import toy
-from media import MediaError, load_audio, load_image, load_video, transform_image
-
-MODALITIES = ("image", "audio", "video")
+# MODALITIES is read as data.MODALITIES by train.py and sample.py
+from media import MODALITIES, MediaError, load_audio, load_image, load_video, transform_image  # noqa: F401
 
 
 @dataclass

@@ -21,6 +21,8 @@ from PIL import Image, ImageOps
 
 from fbank import resample
 
+MODALITIES = ("image", "audio", "video")  # what the encoders see: one encoder, and one eP-ALM, per modality
+
 
 class MediaError(ValueError):
     """A media file that cannot be read: missing, empty, truncated, or not in a format we decode."""
