@@ -204,11 +204,6 @@ def encoder_flops(enc, batch: int) -> float:
     return batch * (2 * P * patch_in * d + L * (2 * (P + 1) * (4 * d * d + 2 * d * f) + 4 * (P + 1) ** 2 * d))
 
 
-def lm_flops_per_token(cfg: OPTConfig) -> float:
-    d = cfg.hidden_size
-    return 2 * (cfg.num_hidden_layers * (4 * d * d + 2 * d * cfg.ffn_dim) + cfg.word_embed_proj_dim * cfg.vocab_size)
-
-
 # ---------------------------------------------------------------------------------------------- sections
 
 def bench_backbones(mode: dict, device: str, notes: list) -> dict:
@@ -660,72 +655,69 @@ def bench_distributed(notes: list, repeats: int = 3, iters: int = 30, lms=("toy 
     return out
 
 
+# the printed summary, per table: the results section, the key that marks a row there (a dict at any depth, labelled
+# by the keys leading to it), the table's title, then (column title, key of the row and its format, or a function
+# of the row); a key the row lacks prints "-"
+MIB = 2 ** 20
+TABLES = [
+    ("distributed", "ddp_samples_per_s", "train.py, 2 processes", [
+        ("DDP samples/s", "ddp_samples_per_s", ".1f"), ("FSDP samples/s", "fsdp_samples_per_s", ".1f"),
+        ("FSDP step/DDP", "fsdp_step_time_vs_ddp", ".2f"), ("FSDP MiB/proc", "fsdp_frozen_mib_per_process", ".1f"),
+        ("MiB in all", "frozen_mib", ".1f")]),
+    ("distributed", "eval_speedup", "--eval_only", [
+        ("1 process s", "eval_1_process_s", ".2f"), ("2 processes s", "eval_2_processes_s", ".2f"),
+        ("speed-up", "eval_speedup", ".2f")]),
+    ("backbones", "speedup", "backbone forward (fp32 eager)", [
+        ("batch", "batch", "d"), ("ours s", "ours_s", ".3f"), ("transformers s", "transformers_s", ".3f"),
+        ("speedup", "speedup", ".2f"), ("compiled x", "compile_speedup", ".2f")]),
+    ("backbones", "train_speedup", "backbone forward+backward", [
+        ("batch", "batch", "d"), ("ours s", "train_ours_s", ".3f"), ("transformers s", "train_transformers_s", ".3f"),
+        ("speedup", "train_speedup", ".2f")]),
+    ("train_step", "tflop", "train step", [
+        ("s", "s", ".3f"), ("samples/s", "samples_per_s", ".2f"), ("TFLOP", "tflop", ".3f"), ("MFU", "mfu", ".0%")]),
+    ("train_step", "cached_vs_plain", "train step", [
+        ("cached/plain", "cached_vs_plain", ".2f"), ("matmul GFLOP/s", "matmul_gflops", ".0f")]),
+    ("generate", "same_tokens", "generate", [
+        ("new x batch", lambda r: f"{r['new_tokens']}x{r['batch']}"), ("ours s", "ours_s", ".4f"),
+        ("transformers s", "transformers_s", ".4f"), ("speedup", "speedup", ".2f"),
+        ("compiled x", "compiled_speedup", ".2f"), ("same tokens", "same_tokens", "")]),
+    ("memory", "param_bytes", "memory (one step)", [
+        ("frozen MiB", lambda r: f"{sum(v for k, v in r['param_bytes'].items() if k.endswith('frozen')) / MIB:.0f}"),
+        ("step extra MiB", lambda r: f"{r['step_extra_bytes'] / MIB:.0f}"),
+        ("peak MiB", lambda r: f"{r['rss_peak_step'] / MIB:.0f}"), ("frozen grads", "frozen_params_with_grad", "")]),
+    ("accelerator", "tflops", "step (bf16)", [
+        ("samples/s", "samples_per_s", ".1f"), ("tokens/s", "tokens_per_s", ".0f"), ("TFLOP/s", "tflops", ".0f"),
+        ("MFU", "mfu", ".0%")]),
+    ("accelerator_generate", "coco_ours_s", "generation (3 beams, 30 tokens)", [
+        ("ours tok/s", "ours_tokens_per_s", ".0f"), ("compiled tok/s", "ours_compiled_tokens_per_s", ".0f"),
+        ("transf. tok/s", "transformers_tokens_per_s", ".0f"), ("COCO ours s", "coco_ours_s", ".0f"),
+        ("COCO transf. s", "coco_transformers_s", ".0f")]),
+]
+
+
+def rows(tree: dict, key: str, label: str = ""):
+    """(label, row) for every dict under tree that holds key, labelled by the keys leading to it."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from [(f"{label}{k}", v)] if key in v else rows(v, key, f"{label}{k} ")
+
+
+def cell(row: dict, column: tuple) -> str:
+    _, key, *spec = column
+    return key(row) if callable(key) else format(row[key], *spec) if key in row else "-"
+
+
 def print_table(results: dict) -> None:
-    def line(*cells):
-        print("  ".join(f"{c:<34}" if i == 0 else f"{c:>14}" for i, c in enumerate(cells)))
     print(f"\nbench.py --{results['mode']} on {results['machine']}")
     if "matmul" in results:
         print(f"matmul fp32: {results['matmul']['gflops']:.1f} GFLOP/s (n={results['matmul']['n']})")
-    if "distributed" in results:
-        line("train.py, 2 processes", "DDP samples/s", "FSDP samples/s", "FSDP step/DDP", "FSDP MiB/proc")
-        for name, r in results["distributed"].items():
-            line(name, f"{r['ddp_samples_per_s']:.1f}", f"{r['fsdp_samples_per_s']:.1f}",
-                 f"{r['fsdp_step_time_vs_ddp']:.2f}x", f"{r['fsdp_frozen_mib_per_process']:.1f} of {r['frozen_mib']:.1f}")
-        line("--eval_only", "1 process s", "2 processes s", "speed-up", "")
-        for name, r in results["distributed"].items():
-            line(name, f"{r['eval_1_process_s']:.2f}", f"{r['eval_2_processes_s']:.2f}", f"{r['eval_speedup']:.2f}x", "")
-    if "backbones" in results:
-        line("backbone (fp32 eager)", "ours s", "transformers s", "speedup", "compiled x")
-        for name, r in results["backbones"].items():
-            line(f"{name} fwd b{r['batch']}", f"{r['ours_s']:.3f}", f"{r['transformers_s']:.3f}",
-                 f"{r['speedup']:.2f}", f"{r['compile_speedup']:.2f}" if "compile_speedup" in r else "-")
-            if "train_speedup" in r:
-                line(f"{name} fwd+bwd b{r['batch']}", f"{r['train_ours_s']:.3f}", f"{r['train_transformers_s']:.3f}",
-                     f"{r['train_speedup']:.2f}", "-")
-    if "train_step" in results:
-        line("train step", "s", "samples/s", "TFLOP", "MFU")
-        for modality, r in results["train_step"].items():
-            for name, v in r.items():
-                if isinstance(v, dict):
-                    line(f"{modality} {name}", f"{v['s']:.3f}", f"{v['samples_per_s']:.2f}", f"{v['tflop']:.3f}",
-                         f"{100 * v['mfu']:.0f}%")
-            line(f"{modality} cached / plain", "", "", f"{r['cached_vs_plain']:.2f}x",
-                 f"{r['matmul_gflops']:.0f} GF/s")
-    if "generate" in results:
-        line("generate (new tokens x batch)", "ours s", "transformers s", "speedup", "compiled x", "same tokens")
-        for name, r in results["generate"].items():
-            line(f"{name} {r['new_tokens']}x{r['batch']}", f"{r['ours_s']:.4f}", f"{r['transformers_s']:.4f}",
-                 f"{r['speedup']:.2f}", f"{r['compiled_speedup']:.2f}" if "compiled_speedup" in r else "-",
-                 str(r["same_tokens"]))
-    if "memory" in results:
-        m = results["memory"]
-        line("memory (one step)", "frozen MB", "step extra MB", "peak MB", "frozen grads")
-        for dt in ("float32", "bfloat16"):
-            r = m[dt]
-            frozen = sum(v for k, v in r["param_bytes"].items() if k.endswith("frozen"))
-            line(dt, f"{frozen / 2 ** 20:.0f}", f"{r['step_extra_bytes'] / 2 ** 20:.0f}",
-                 f"{r['rss_peak_step'] / 2 ** 20:.0f}", str(r["frozen_params_with_grad"]))
     if "accelerator" in results:
-        a = results["accelerator"]
-        print(f"accelerator {a['device']}: matmul {a['matmul_tflops']:.1f} TFLOP/s")
-        line("step (bf16)", "samples/s", "tokens/s", "TFLOP/s", "MFU")
-        for key, per_batch in a.items():
-            if isinstance(per_batch, dict):
-                for b, r in per_batch.items():
-                    if isinstance(r, dict):
-                        for name, v in r.items():
-                            if isinstance(v, dict):
-                                line(f"{key} {b} {name}", f"{v['samples_per_s']:.1f}", f"{v['tokens_per_s']:.0f}",
-                                     f"{v['tflops']:.0f}", f"{100 * v['mfu']:.0f}%")
-    if "accelerator_generate" in results:
-        line("generation (3 beams, 30 tokens)", "ours tok/s", "transf. tok/s", "speedup", "COCO ours s",
-             "COCO transf. s")
-        for key, per_batch in results["accelerator_generate"].items():
-            for b, r in per_batch.items():
-                best = r.get("ours_compiled_tokens_per_s", r["ours_tokens_per_s"])
-                line(f"{key} {b}", f"{best:.0f}", f"{r['transformers_tokens_per_s']:.0f}",
-                     f"{best / r['transformers_tokens_per_s']:.2f}", f"{r['coco_ours_s']:.0f}",
-                     f"{r['coco_transformers_s']:.0f}")
+        print(f"accelerator {results['accelerator']['device']}: matmul "
+              f"{results['accelerator']['matmul_tflops']:.1f} TFLOP/s")
+    for section, key, title, columns in TABLES:
+        lines = [[label, *(cell(r, c) for c in columns)] for label, r in rows(results.get(section, {}), key)]
+        for line in [[title, *(c[0] for c in columns)], *lines] if lines else []:
+            print(f"{line[0]:<34}" + "".join(f"  {c:>14}" for c in line[1:]))
     for note in results["notes"]:
         print("note:", note)
     print(f"total {results['seconds']:.0f} s")

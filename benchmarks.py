@@ -54,7 +54,8 @@ def media_dir(path: Path, name: str) -> Path:
     return path
 
 
-def read_json(path: Path):
+def read_annotations(path: Path):
+    """An annotation file's JSON (hub.read_json is a checkpoint folder's config)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -91,7 +92,7 @@ def qa_example(id, media, question: str, answer: str, references: list, meta: di
 
 
 def read_coco(root: Path, split: str) -> list[Example]:
-    images = read_json(annotation_file(root, "coco", "dataset_coco.json"))["images"]
+    images = read_annotations(annotation_file(root, "coco", "dataset_coco.json"))["images"]
     wanted = ("train", "restval") if split == "train" else (split,)  # restval: the val2014 images Karpathy trains on
     groups = [(im["cocoid"], root / im["filepath"] / im["filename"], [s["raw"].strip() for s in im["sentences"]],
                {"image_id": im["cocoid"]}) for im in images if im["split"] in wanted]
@@ -102,9 +103,10 @@ def read_coco(root: Path, split: str) -> list[Example]:
 
 def read_vqav2(root: Path, split: str) -> list[Example]:
     coco = f"{split}2014"
-    questions = read_json(annotation_file(root, "vqav2", f"v2_OpenEnded_mscoco_{coco}_questions.json"))["questions"]
+    questions_path = annotation_file(root, "vqav2", f"v2_OpenEnded_mscoco_{coco}_questions.json")
+    questions = read_annotations(questions_path)["questions"]
     annotation_path = annotation_file(root, "vqav2", f"v2_mscoco_{coco}_annotations.json")
-    annotations = {a["question_id"]: a for a in read_json(annotation_path)["annotations"]}
+    annotations = {a["question_id"]: a for a in read_annotations(annotation_path)["annotations"]}
     folder, out = media_dir(root / coco, "vqav2"), []
     for q in questions:
         if q["question_id"] not in annotations:
@@ -119,7 +121,7 @@ def read_vqav2(root: Path, split: str) -> list[Example]:
 
 
 def read_gqa(root: Path, split: str) -> list[Example]:
-    questions = read_json(annotation_file(root, "gqa", f"{split}_balanced_questions.json"))
+    questions = read_annotations(annotation_file(root, "gqa", f"{split}_balanced_questions.json"))
     folder = media_dir(root / "images", "gqa")
     return [qa_example(i, folder / f"{q['imageId']}.jpg", q["question"], q["answer"], [q["answer"]],
                        {"image_id": q["imageId"]}) for i, q in questions.items()]
@@ -159,7 +161,7 @@ def read_msrvtt(root: Path, split: str) -> list[Example]:
     jsfusion = root / "MSRVTT_JSFUSION_test.csv"
     one_k_a = split == "test" and jsfusion.is_file()
     path = annotation_file(root, "msrvtt", "MSRVTT_data.json", "train_val_videodatainfo.json", required=not one_k_a)
-    info = read_json(path) if path else {"videos": [], "sentences": []}
+    info = read_annotations(path) if path else {"videos": [], "sentences": []}
     captions = {}
     for s in info["sentences"]:
         captions.setdefault(s["video_id"], []).append(s["caption"].strip())
@@ -175,7 +177,7 @@ def read_msrvtt(root: Path, split: str) -> list[Example]:
 
 
 def read_video_qa(root: Path, name: str, split: str) -> list[Example]:
-    items = read_json(annotation_file(root, name, f"{split}_qa.json"))
+    items = read_annotations(annotation_file(root, name, f"{split}_qa.json"))
     names = {}  # msvd: vid<N> -> YouTube clip name
     mapping = root / "youtube_mapping.txt"
     if name == "msvd_qa" and mapping.is_file():

@@ -21,11 +21,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import ast_audio
+import fbank
 import toy
-from media import MediaError, load_audio, load_image, load_video, transform_image
-
-MODALITIES = ("image", "audio", "video")
+# MODALITIES is read as data.MODALITIES by train.py and sample.py
+from media import MODALITIES, MediaError, load_audio, load_image, load_video, transform_image  # noqa: F401
 
 
 @dataclass
@@ -79,7 +78,7 @@ class MediaTransform:
             return transform_image(self.augment_image(image, rng) if self.train else image, self.image)
         if self.modality == "audio":
             wave = load_audio(media) if isinstance(media, (str, Path)) else media
-            x = ast_audio.preprocess(torch.as_tensor(wave, dtype=torch.float32), 16000, self.audio_frames)
+            x = fbank.preprocess(torch.as_tensor(wave, dtype=torch.float32), fbank.AST_SAMPLE_RATE, self.audio_frames)
             return spec_augment(x, rng) if self.train else x
         if isinstance(media, (str, Path)):
             frames = load_video(media, self.num_frames, jitter=rng if self.train else None)

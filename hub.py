@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 
 import torch
+# _CACHED_NO_EXIST is try_to_load_from_cache's "known missing" answer: exported in huggingface_hub's __all__ and
+# imported so in that function's own documented example; the package gives it no name without the underscore
 from huggingface_hub import _CACHED_NO_EXIST, constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ast_audio import resample
+from fbank import resample
+
+MODALITIES = ("image", "audio", "video")  # what the encoders see: one encoder, and one eP-ALM, per modality
 
 
 class MediaError(ValueError):

@@ -43,15 +43,6 @@ class TimeSformerConfig:
                              "(only 'divided_space_time', the eP-ALM checkpoints' kind)")
         return config
 
-    @classmethod
-    def from_name(cls, name: str) -> "TimeSformerConfig":
-        # k400 and k600 differ only in the classifier head, which is dropped
-        short = name.split("/")[-1]
-        if short not in ("timesformer-base", "timesformer-base-finetuned-k400", "timesformer-base-finetuned-k600"):
-            raise ValueError(f"unknown TimeSformer name {name!r} (expected 'timesformer-base' or "
-                             "'facebook/timesformer-base-finetuned-k400'/'-k600')")
-        return cls()
-
 
 # HF TimesformerModel keys -> ours, on top of the ViT rules for the spatial part
 HF_TIMESFORMER_RULES = [

@@ -1,4 +1,4 @@
-"""Media decoding (media.py) and the AST front end (ast_audio.fbank / resample / preprocess).
+"""Media decoding (media.py) and the AST front end (fbank.py: fbank / resample / preprocess).
 
 References: transformers' ASTFeatureExtractor on its numpy path (no torchaudio), the stdlib wave module and
 PyAV decoding the same files directly, analytic signals (sines) and hand-computed frame indices.
@@ -16,8 +16,8 @@ from PIL import Image
 from transformers import ASTFeatureExtractor
 from transformers.models.audio_spectrogram_transformer import feature_extraction_audio_spectrogram_transformer as ast_fe
 
-from ast_audio import fbank, preprocess, resample
 from conftest import TESTDATA
+from fbank import fbank, preprocess, resample
 from media import MediaError, load_audio, load_image, load_video
 
 AUDIO, IMAGES, VIDEO = TESTDATA / "audio", TESTDATA / "images", TESTDATA / "video"

@@ -1,13 +1,19 @@
-"""The miniature world (toy.py) and its committed toy backbones.
+"""The miniature world (toy.py), the toy backbones' builder (toy_pretrain.py) and the committed backbones.
 
 References: the official hub layout is checked by loading each toy checkpoint into the transformers model of
 the same kind and comparing outputs with ours; the tokenizer against transformers' GPT2TokenizerFast; the
 world's facts (captions, splits, scores) against values written out by hand."""
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import toy
+import toy_pretrain
 from conftest import ROOT
 
 
@@ -83,8 +89,8 @@ def test_attribute_accuracy_and_chance():
 
 
 def test_lm_corpus_puts_the_answer_in_context():
-    docs = toy.lm_corpus(300, seed=1)
-    assert docs == toy.lm_corpus(300, seed=1) and all(d.endswith("</s>") for d in docs)
+    docs = toy_pretrain.lm_corpus(300, seed=1)
+    assert docs == toy_pretrain.lm_corpus(300, seed=1) and all(d.endswith("</s>") for d in docs)
     with_context = [d for d in docs if d.count("</s>") == 2]
     assert 0.7 < len(with_context) / len(docs) < 0.9
     values = {v for m in toy.MODALITIES for vs in toy.attributes(m).values() for v in vs}
@@ -97,6 +103,24 @@ def test_lm_corpus_puts_the_answer_in_context():
 
 # ---- the committed checkpoints ----
 
+def test_builder_configs_are_the_committed_ones(tmp_path):
+    # what toy_pretrain.py writes next to the weights, byte for byte (the constants it imports included)
+    lm_vocab = json.loads((toy.TOY_DIR / "lm" / "config.json").read_text())["vocab_size"]
+    written = {"lm/config.json": toy_pretrain.lm_hf_config(lm_vocab)}
+    for name in ("vit", "ast", "timesformer"):
+        written[f"{name}/config.json"] = toy_pretrain.HF_CONFIGS[name]
+        written[f"{name}/preprocessor_config.json"] = toy_pretrain.PREPROCESSOR_CONFIGS[name]
+    for i, (path, obj) in enumerate(written.items()):
+        toy_pretrain._write_json(tmp_path / f"{i}.json", obj)
+        assert (tmp_path / f"{i}.json").read_bytes() == (toy.TOY_DIR / path).read_bytes(), path
+
+
+def test_data_does_not_import_the_builder():
+    code = "import sys, data; print('toy' in sys.modules, 'toy_pretrain' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.split() == ["True", "False"]
+
+
 def test_toy_checkpoints_are_small_and_in_hub_layout():
     files = [p for p in toy.TOY_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 10 * 2**20
@@ -106,7 +130,6 @@ def test_toy_checkpoints_are_small_and_in_hub_layout():
 
 
 def test_toy_tokenizer_matches_gpt2_tokenizer_and_round_trips():
-    transformers = pytest.importorskip("transformers")
     import opt
 
     ours = opt.load_tokenizer(str(toy.TOY_DIR / "lm"))
@@ -124,7 +147,6 @@ def test_toy_tokenizer_matches_gpt2_tokenizer_and_round_trips():
 
 
 def test_toy_lm_loads_matches_transformers_and_reads_its_context():
-    transformers = pytest.importorskip("transformers")
     import opt
 
     lm = opt.OPT.from_pretrained(str(toy.TOY_DIR / "lm"))
@@ -148,7 +170,6 @@ ENCODER_REFERENCE = {"vit": "ViTModel", "ast": "ASTModel", "timesformer": "Times
 
 @pytest.mark.parametrize("modality", toy.MODALITIES)
 def test_toy_encoder_loads_matches_transformers_and_separates_heldout_attributes(modality):
-    transformers = pytest.importorskip("transformers")
     name = toy.ENCODER_OF[modality]
     cls = {"vit": "vit.ViT", "ast": "ast_audio.AST", "timesformer": "timesformer.TimeSformer"}[name]
     module = __import__(cls.split(".")[0])
@@ -158,8 +179,8 @@ def test_toy_encoder_loads_matches_transformers_and_separates_heldout_attributes
     ref.eval()
 
     train, held = toy.samples(modality, "train", 160, 0), toy.samples(modality, "heldout", 60, 0)
-    x_train, y_train = toy.media_batch(modality, encoder, train)
-    x_held, y_held = toy.media_batch(modality, encoder, held)
+    x_train, y_train = toy_pretrain.media_batch(modality, encoder, train)
+    x_held, y_held = toy_pretrain.media_batch(modality, encoder, held)
     with torch.no_grad():
         f_train, f_held = encoder(x_train, last=1)[-1][:, 0], encoder(x_held, last=1)[-1][:, 0]
         torch.testing.assert_close(encoder(x_held[:4], last=1)[-1], ref(x_held[:4]).last_hidden_state,
