@@ -6,6 +6,7 @@ average AST's own classifier uses). Its input comes from the front end in fbank.
 
 References: github.com/YuanGongND/ast; transformers' ASTModel (test reference only).
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn as nn
 
 import hub
 from encoder_parts import HF_RULES, Block, config_from_dict, fuse_qkv, rename_keys, run_blocks
-from fbank import AST_SAMPLE_RATE, preprocess
+from fbank import AST_MEAN, AST_SAMPLE_RATE, AST_STD, preprocess
 
 
 @dataclass
@@ -30,6 +31,8 @@ class ASTConfig:
     time_stride: int = 10
     max_length: int = 1024  # spectrogram frames
     num_mel_bins: int = 128
+    feature_mean: float = AST_MEAN  # the fbank's normalisation: preprocessor_config.json's mean / std
+    feature_std: float = AST_STD
 
     @classmethod
     def from_dict(cls, d: dict) -> "ASTConfig":
@@ -65,13 +68,18 @@ class AST(nn.Module):
             raise TypeError("AST.preprocess expects a non-empty list of 1-D waveforms at 16 kHz")
         if self.config.num_mel_bins != 128:
             raise ValueError(f"AST.preprocess computes 128 mel bins, the config has {self.config.num_mel_bins}")
-        return torch.stack([preprocess(torch.as_tensor(w, dtype=torch.float32), AST_SAMPLE_RATE,
-                                       self.config.max_length) for w in waveforms])
+        c = self.config
+        return torch.stack([preprocess(torch.as_tensor(w, dtype=torch.float32), AST_SAMPLE_RATE, c.max_length,
+                                       c.feature_mean, c.feature_std) for w in waveforms])
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "AST":
-        folder = hub.resolve(name_or_path)
+        folder = hub.resolve(name_or_path, extra_files=("preprocessor_config.json",))
         config = ASTConfig.from_dict(hub.read_json(folder))
+        processor = hub.read_json(folder, "preprocessor_config.json", required=False) or {}
+        if processor.get("do_normalize", True):
+            config = dataclasses.replace(config, feature_mean=processor.get("mean", AST_MEAN),
+                                         feature_std=processor.get("std", AST_STD))
         rules = [(r"^embeddings\.distillation_token$", "dist_token")] + HF_RULES
         state = rename_keys(fuse_qkv(hub.load_state_dict(folder)), rules,
                             prefixes=("audio_spectrogram_transformer.",), drop=("classifier.",))

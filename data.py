@@ -61,13 +61,17 @@ class MediaTransform:
     modality: str
     image: object = None          # media.ImageTransform (image and video)
     audio_frames: int = 1024      # AST input length
+    audio_mean: float = fbank.AST_MEAN   # and its checkpoint's fbank normalisation
+    audio_std: float = fbank.AST_STD
     num_frames: int = 8           # video frames
     train: bool = False           # augment: random resized crop + flip; SpecAugment; random frame offsets
 
     @staticmethod
     def for_encoder(modality: str, encoder, train: bool = False) -> "MediaTransform":
         if modality == "audio":
-            return MediaTransform("audio", audio_frames=encoder.config.max_length, train=train)
+            c = encoder.config
+            return MediaTransform("audio", audio_frames=c.max_length, audio_mean=c.feature_mean,
+                                  audio_std=c.feature_std, train=train)
         frames = encoder.config.num_frames if modality == "video" else 8
         return MediaTransform(modality, image=encoder.transform, num_frames=frames, train=train)
 
@@ -78,7 +82,8 @@ class MediaTransform:
             return transform_image(self.augment_image(image, rng) if self.train else image, self.image)
         if self.modality == "audio":
             wave = load_audio(media) if isinstance(media, (str, Path)) else media
-            x = fbank.preprocess(torch.as_tensor(wave, dtype=torch.float32), fbank.AST_SAMPLE_RATE, self.audio_frames)
+            x = fbank.preprocess(torch.as_tensor(wave, dtype=torch.float32), fbank.AST_SAMPLE_RATE,
+                                 self.audio_frames, self.audio_mean, self.audio_std)
             return spec_augment(x, rng) if self.train else x
         if isinstance(media, (str, Path)):
             frames = load_video(media, self.num_frames, jitter=rng if self.train else None)

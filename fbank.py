@@ -15,6 +15,7 @@ import torch
 
 AST_SAMPLE_RATE = 16000
 AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AudioSet statistics of the fbank, from the AST repository
+WINDOW_SAMPLES = AST_SAMPLE_RATE * 25 // 1000  # one 25 ms fbank window
 
 
 def kaldi_mel_banks(num_mel_bins: int, fft_size: int, sample_rate: int, low_freq: float = 20.0) -> torch.Tensor:
@@ -106,12 +107,16 @@ def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int, zero_crossin
     return out.to(torch.float32)
 
 
-def preprocess(waveform: torch.Tensor, sample_rate: int, target_length: int = 1024) -> torch.Tensor:
-    """AST input (target_length, 128): 16 kHz, mean removed, fbank, zero-padded or cut, AudioSet-normalised."""
+def preprocess(waveform: torch.Tensor, sample_rate: int, target_length: int = 1024, mean: float = AST_MEAN,
+               std: float = AST_STD) -> torch.Tensor:
+    """AST input (target_length, 128): 16 kHz, mean removed, fbank, zero-padded or cut, normalised with the
+    checkpoint's statistics (AudioSet's by default). A clip shorter than one 25 ms window is zero-padded to one,
+    as the official front end pads the spectrogram to 1024 frames: it gives one frame, then padding."""
     if sample_rate != AST_SAMPLE_RATE:
         waveform = resample(waveform, sample_rate, AST_SAMPLE_RATE)
     waveform = waveform.to(torch.float32)
-    features = fbank(waveform - waveform.mean(), AST_SAMPLE_RATE, num_mel_bins=128)
+    waveform = torch.nn.functional.pad(waveform - waveform.mean(), (0, max(0, WINDOW_SAMPLES - waveform.numel())))
+    features = fbank(waveform, AST_SAMPLE_RATE, num_mel_bins=128)
     features = features[:target_length]
     features = torch.nn.functional.pad(features, (0, 0, 0, target_length - features.shape[0]))
-    return (features - AST_MEAN) / (AST_STD * 2)
+    return (features - mean) / (std * 2)

@@ -460,3 +460,32 @@ def test_vit_from_name_rejects_unknown_names_and_official_shapes():
     ast = AST(ASTConfig())  # the AudioSet checkpoint's 10x10 strides over 128 x 1024
     assert ast.grid == (12, 101) and ast.pos_embed.shape == (1, 12 * 101 + 2, 768)
     assert TimeSformerConfig().num_frames == 8  # the Kinetics checkpoints' clip length
+
+
+def test_ast_reads_its_normalisation_from_preprocessor_config(tmp_path):
+    """A checkpoint whose fbank statistics are not AudioSet's (e.g. fine-tuned on another data set) is normalised
+    with its own, as ASTFeatureExtractor saved with that checkpoint normalises."""
+    torch.manual_seed(0)
+    transformers.ASTModel(transformers.ASTConfig(max_length=64, **TINY)).save_pretrained(tmp_path)
+    extractor = transformers.ASTFeatureExtractor(max_length=64, mean=-3.0, std=2.5)
+    extractor.save_pretrained(tmp_path)
+    model = AST.from_pretrained(str(tmp_path))
+    assert (model.config.feature_mean, model.config.feature_std) == (-3.0, 2.5)
+    speech = read_wav(TESTDATA / "audio" / "speech_16k_mono.wav")[:8000]
+    expected = extractor([speech], sampling_rate=16000, return_tensors="pt")["input_values"]
+    torch.testing.assert_close(model.preprocess([speech]), expected, atol=1e-4, rtol=0)
+    from data import MediaTransform
+    torch.testing.assert_close(MediaTransform.for_encoder("audio", model)(torch.from_numpy(speech))[None], expected,
+                               atol=1e-4, rtol=0)
+
+
+def test_a_clip_shorter_than_one_fbank_window_is_padded_not_an_error():
+    """10 ms (160 samples) is less than one 25 ms window: the official front end pads the spectrogram to 1024
+    frames anyway; here the clip gives one frame of its own, then the padding rows."""
+    short = torch.from_numpy(read_wav(TESTDATA / "audio" / "speech_16k_mono.wav")[4000:4160])
+    model = AST(ASTConfig(**TINY, max_length=64))
+    x = model.preprocess([short])
+    assert x.shape == (1, 64, 128) and torch.isfinite(x).all()
+    padded = model.preprocess([torch.nn.functional.pad(short - short.mean(), (0, 240))])
+    torch.testing.assert_close(x, padded, atol=1e-5, rtol=0)  # = the clip zero-padded to one window by hand
+    assert not torch.equal(x[0, 0], x[0, 1]) and torch.equal(x[0, 1], x[0, -1])  # one frame, then padding
