@@ -47,14 +47,15 @@ def front_matter(config: dict, scores: dict | None, split: str) -> str:
     if bases:
         lines += ["base_model:", *[f"- {n}" for n in bases], "base_model_relation: adapter"]
     else:
-        lines.append("# no base_model: the toy backbones of epalm's miniature world, or local folders")
+        lines.append(f"# no base_model: {config['lm']} and {config['encoder']} are not hub models (toy/: the "
+                     "toy backbones of epalm's miniature world)")
     named = [k for k in scores or {} if k != "items"]
     if named:
         lines += ["metrics:", *[f"- {m}" for m in dict.fromkeys(map(metric_id, named))], "model-index:",
                   f"- name: epalm-{modality}-{task}", "  results:", "  - task:",
                   f"      type: {HUB_TASKS[modality, task]}", "    dataset:",
                   f"      type: {config['dataset']}", f"      name: {json.dumps(config['dataset'] + ' ' + split)}",
-                  f"      split: {split}", "    metrics:"]
+                  f"      split: {json.dumps(split)}", "    metrics:"]
         for k in named:  # json.dumps: a quoted string or a number, both valid YAML scalars
             lines += [f"    - type: {metric_id(k)}", f"      name: {json.dumps(k)}",
                       f"      value: {json.dumps(round(scores[k], 4))}"]
