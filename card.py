@@ -1,7 +1,8 @@
 """The model card of a training run: README.md beside ckpt.safetensors, so that `hf upload USER/NAME out/RUN`
 publishes a repository that the hub describes and that `sample.py --checkpoint USER/NAME` uses.
 
-The front matter is written by hand (plain key: value lines and lists, no YAML library); train.py writes a card
+The front matter is written by hand (plain key: value lines and lists, no YAML library). It has no `datasets`:
+the benchmarks are read from local copies (benchmarks.py), whose hub ids are not known. train.py writes a card
 with each checkpoint, and the final one, with the held-out scores, when the run ends.
 
 References: the hub's model cards (huggingface.co/docs/hub/model-cards: base_model, base_model_relation,
