@@ -2,11 +2,12 @@
 
 resolve() turns a local folder or a hub id into a folder with config.json and one weights layout, through
 huggingface_hub.hf_hub_download: one cache shared with transformers, and HF_HOME, HF_HUB_CACHE, HF_TOKEN,
-HF_ENDPOINT and HF_HUB_OFFLINE as they work there. load_state_dict() reads safetensors or pytorch_model.bin with
+HF_ENDPOINT and HF_HUB_OFFLINE as they work there. "toy/lm" names a toy backbone in this clone, wherever it is. load_state_dict() reads safetensors or pytorch_model.bin with
 torch.load(weights_only=True, mmap=True), never a full unpickle, memory-mapped; load_weights() puts them
 strictly into a model built on the meta device, cast one tensor at a time, so a large LM is never held twice in
 memory, and into FSDP2-sharded blocks only the rows each process keeps. save_adapter() and load_adapter() write
-and read what eP-ALM trains, with the run's configuration as safetensors metadata.
+and read what eP-ALM trains, with the run's configuration as safetensors metadata; adapter_path() finds that file
+in a run's folder or downloads it from a hub repository, as resolve() downloads a backbone.
 
 References: huggingface_hub's hf_hub_download, try_to_load_from_cache and cache layout (models--{org}--{name}/
 refs/main, snapshots/{commit}/, .no_exist/{commit}/); the safetensors format (huggingface.co/docs/safetensors);
@@ -26,10 +27,13 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+import toy
+
 # in order of preference; an index names its shards in "weight_map"
 WEIGHT_LAYOUTS = ("model.safetensors.index.json", "model.safetensors",
                   "pytorch_model.bin.index.json", "pytorch_model.bin")
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+ADAPTER_FILE = "ckpt.safetensors"  # what train.py writes in a run's folder, and what a shared adapter's repo holds
 
 
 def read_json(folder: Path, name: str = "config.json", required: bool = True) -> dict | None:
@@ -51,10 +55,24 @@ def _shards(folder: Path, index_name: str) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
-def resolve(name_or_path: str, extra_files: tuple[str, ...] = ()) -> Path:
-    """A local folder as is; for a hub id, its snapshot folder in the Hugging Face cache, holding config.json, the
-    first of WEIGHT_LAYOUTS the hub has (an index with its shards) and whichever of extra_files the repo has.
+def toy_backbone(name: str) -> Path | None:
+    """This clone's toy/<x> for a name of the miniature world's backbone x: "toy/x", as checkpoints record them so
+    that they load in any clone, or a path into another clone's toy/ that no longer exists (how older
+    checkpoints recorded them: /home/me/epalm/toy/lm after that clone moved)."""
+    path = Path(name)
+    if path.parts[:1] == ("toy",) and len(path.parts) == 2:
+        return toy.TOY_DIR / path.name
+    if path.parent.name == "toy" and not path.exists() and (toy.TOY_DIR / path.name).is_dir():
+        return toy.TOY_DIR / path.name
+    return None
+
+
+def resolve(name_or_path: str, extra_files: tuple[str, ...] = (), config: str = "config.json",
+            layouts: tuple[str, ...] = WEIGHT_LAYOUTS) -> Path:
+    """A local folder as is; for a hub id, its snapshot folder in the Hugging Face cache, holding config, the
+    first of layouts the hub has (an index with its shards) and whichever of extra_files the repo has.
     Offline (HF_HUB_OFFLINE) or when the hub cannot be reached, what the cache holds."""
+    name_or_path = toy_backbone(name_or_path) or name_or_path
     if Path(name_or_path).expanduser().is_dir():
         return Path(name_or_path).expanduser()
     repo = str(name_or_path)
@@ -86,12 +104,12 @@ def resolve(name_or_path: str, extra_files: tuple[str, ...] = ()) -> Path:
             raise error from None
         return None
 
-    folder = get("config.json", required=True).parent
-    layout = next((name for name in WEIGHT_LAYOUTS if get(name)), None)
-    if layout is None:
+    folder = get(config, required=True).parent
+    layout = next((name for name in layouts if get(name)), None)
+    if layout is None and layouts:
         raise FileNotFoundError(f"{repo}: no weights on the hub or in the cache "
-                                f"(looked for {', '.join(WEIGHT_LAYOUTS)})")
-    for name in _shards(folder, layout) if layout.endswith(".index.json") else []:
+                                f"(looked for {', '.join(layouts)})")
+    for name in _shards(folder, layout) if layout and layout.endswith(".index.json") else []:
         get(name, required=True)
     for name in extra_files:
         get(name)
@@ -213,3 +231,20 @@ def load_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(config, dict) or "epalm" not in config:
         raise ValueError(f"{path}: no eP-ALM run configuration in its metadata")
     return state, config
+
+
+def adapter_path(name_or_path: str) -> Path:
+    """The adaptation checkpoint a user names: the file, a run's folder holding it, or a hub repository holding
+    it (downloaded into the Hugging Face cache as resolve() downloads a backbone, with HF_TOKEN, HF_ENDPOINT
+    and HF_HUB_OFFLINE)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if not (path / ADAPTER_FILE).is_file():
+            raise FileNotFoundError(f"{path}: no {ADAPTER_FILE} in this folder (not a training run's out_dir?)")
+        return path / ADAPTER_FILE
+    if not REPO_ID.fullmatch(str(name_or_path)):
+        raise FileNotFoundError(f"{name_or_path}: no checkpoint (no such file or folder, and not a hub id like "
+                                "USER/NAME)")
+    return resolve(str(name_or_path), config=ADAPTER_FILE, layouts=()) / ADAPTER_FILE

@@ -211,11 +211,16 @@ def load_backbones(modality: str, lm_name: str, encoder_name: str, dtype: torch.
     return lm, load_tokenizer(folder), encoder
 
 
-def from_checkpoint(path, dtype: torch.dtype | None = None, shard=None):
-    """(EPALM, tokenizer, run configuration) rebuilt from an adaptation checkpoint: its configuration names
-    the backbones, which are loaded as in training."""
+def from_checkpoint(name_or_path, dtype: torch.dtype | None = None, shard=None):
+    """(EPALM, tokenizer, run configuration) rebuilt from an adaptation checkpoint (its file, a run's folder or
+    a hub repository, see hub.adapter_path): its configuration names the backbones, which load as in training."""
+    path = hub.adapter_path(name_or_path)
     state, config = hub.load_adapter(path)
-    lm, tokenizer, encoder = load_backbones(config["modality"], config["lm"], config["encoder"], dtype, shard)
+    try:
+        lm, tokenizer, encoder = load_backbones(config["modality"], config["lm"], config["encoder"], dtype, shard)
+    except (OSError, ValueError) as e:  # ConnectionError and FileNotFoundError are OSErrors
+        raise (ValueError if isinstance(e, ValueError) else OSError)(
+            f"{name_or_path}: the backbones it names do not load: {e}") from None
     model = EPALM(lm, encoder, EPALMConfig(**config["epalm"]))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     bad = sorted(set(trainable) ^ set(state)) + [n for n in state if n in trainable and

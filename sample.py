@@ -5,6 +5,8 @@
     python sample.py --audio clip.wav --checkpoint out/audio-caption --num_beams 3
     python sample.py --video clip.mp4 --temperature 0.8 --top_p 0.9
 
+    python sample.py --image cat.jpg --checkpoint USER/NAME   # an adapter shared on the hub
+
 Without --checkpoint it uses the default run of train.py for the modality and task (out/{modality}-{task}).
 The checkpoint holds only the adaptation parameters; its configuration names the frozen backbones. Settings are
 read as train.py reads them (`--key value` or `--key=value`, see configurator.py); `--help` lists them.
@@ -23,7 +25,7 @@ image = []                  # files to caption or ask about, all generated for i
 audio = []                  # (wav natively; flac, mp3, ogg, m4a with PyAV)
 video = []                  # (mp4, avi, webm, mkv, mov with PyAV; GIFs and folders of frames without)
 question = ""               # ask this question (VQA) instead of captioning
-checkpoint = ""             # a run's out_dir or its ckpt.safetensors; "" = out/{modality}-{task}
+checkpoint = ""             # a run's out_dir, its ckpt.safetensors or a hub id (USER/NAME); "" = out/{modality}-{task}
 num_beams = 1
 temperature = 0.0           # 0: greedy (or beam search); > 0: sampling
 top_k = None
@@ -46,14 +48,12 @@ def main(argv=None) -> int:
         configurator.fail(f"--dtype {args['dtype']}: expected float32, bfloat16 or float16")
     modality, files = given[0], args[given[0]]
     task = "vqa" if args["question"] else "caption"
-    path = Path(args["checkpoint"] or f"out/{modality}-{task}")
-    if path.is_dir():
-        path = path / "ckpt.safetensors"
-    if not path.exists():
-        hint = "" if args["checkpoint"] else f": train one first with `python train.py --modality {modality} --task {task}`"
-        print(f"error: no checkpoint at {path}{hint}, or pass --checkpoint", file=sys.stderr)
+    path = args["checkpoint"] or f"out/{modality}-{task}"
+    if not args["checkpoint"] and not Path(path, "ckpt.safetensors").exists():
+        print(f"error: no checkpoint at {path}/ckpt.safetensors: train one first with `python train.py --modality "
+              f"{modality} --task {task}`, or pass --checkpoint", file=sys.stderr)
         return 1
-    try:
+    try:  # a file, a run's folder or a hub repository (hub.adapter_path)
         model, tokenizer, config = from_checkpoint(path, dtype=getattr(torch, args["dtype"]))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import benchmarks
+import card
 import configurator
 import data
 import distributed
@@ -114,16 +115,24 @@ def configure(argv: list[str]) -> dict:
 
 def checkpoint_settings(chosen: dict) -> dict:
     """--eval_only: a checkpoint knows what it was trained on (modality, task, data set, data_dir): score it on
-    that, unless data_dir is given."""
-    ckpt = Path(chosen.get("out_dir") or f"out/{chosen.get('modality', modality)}-{chosen.get('task', task)}",
-                "ckpt.safetensors")
-    if not ckpt.exists():
+    that, unless data_dir is given. out_dir is a run's folder, or a hub repository (USER/NAME): its
+    ckpt.safetensors is downloaded (hub.adapter_path) and copied to out/USER/NAME, with what it is scored on."""
+    name = chosen.get("out_dir") or f"out/{chosen.get('modality', modality)}-{chosen.get('task', task)}"
+    local = not chosen.get("out_dir") or Path(name).exists() or not hub.REPO_ID.fullmatch(name)
+    ckpt = Path(name, "ckpt.safetensors") if local else None
+    if local and not ckpt.exists():
         configurator.fail(f"--eval_only: no checkpoint at {ckpt} (train first, or pass --out_dir)")
     try:
+        ckpt = ckpt or hub.adapter_path(name)
         _, trained = hub.load_adapter(ckpt)
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         configurator.fail(f"--eval_only: {e}")
-    return {"out_dir": str(ckpt.parent), **{k: trained[k] for k in ("modality", "task", "dataset")},
+    out = ckpt.parent if local else Path("out", *name.split("/"))
+    if not local:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ckpt.safetensors.tmp").write_bytes(ckpt.read_bytes())
+        os.replace(out / "ckpt.safetensors.tmp", out / "ckpt.safetensors")
+    return {"out_dir": str(out), **{k: trained[k] for k in ("modality", "task", "dataset")},
             "data_dir": chosen.get("data_dir", trained.get("data_dir", ""))}
 
 
@@ -156,7 +165,8 @@ def run_config() -> dict:
     """What a checkpoint must remember to be used again (sample.py, --eval_only, --init_from=resume)."""
     return {"modality": modality, "task": task, "dataset": dataset,
             "data_dir": str(Path(data_dir).resolve()) if data_dir else "",
-            "lm": lm or str(toy.TOY_DIR / "lm"), "encoder": encoder or str(toy.encoder_dir(modality)),
+            # the toy backbones by their place in the clone, so that a run folder loads in any clone (hub.py)
+            "lm": lm or "toy/lm", "encoder": encoder or f"toy/{toy.encoder_dir(modality).name}",
             "epalm": epalm_config().__dict__}
 
 
@@ -241,6 +251,14 @@ def save_checkpoint(model, optimizer, scaler, it: int, run_dir: Path) -> None:
     torch.save(state, tmp)
     os.replace(tmp, run_dir / "state.pt")
     hub.save_adapter(model, run_dir / "ckpt.safetensors", {**run_config(), "iter": it})
+    write_card(model, run_dir, it)
+
+
+def write_card(model, run_dir: Path, it: int, scores: dict | None = None, blind: dict | None = None) -> None:
+    """README.md beside the checkpoint, the model card that `hf upload` publishes with it (card.py); the final
+    one, with the held-out scores, is written when the run ends."""
+    split = "heldout" if dataset == "toy" else eval_split
+    card.write_card(run_dir, card.model_card(model, {**run_config(), "iter": it}, sys.argv[1:], scores, blind, split))
 
 
 def load_state(model, optimizer, scaler, run_dir: Path) -> int:
@@ -457,6 +475,7 @@ def run_training():
         print(scores_table(scores, blind))
         (out_dir / "results.json").write_text(json.dumps({"scores": scores, "blind": blind,
                                                           "config": settings}, indent=1, default=str))
+        write_card(model, out_dir, max_iters, scores, blind)
         print(f"checkpoint, log, curves and predictions in {out_dir}/; try: python sample.py --{modality} FILE")
 
 

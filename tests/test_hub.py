@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 import hub
+import toy
 from conftest import ROOT
 
 REPO = "tiny-org/tiny-opt"
@@ -492,3 +493,88 @@ def test_adapter_errors_are_one_line(tmp_path):
     save_file(tiny_state(), tmp_path / "model.safetensors")  # a checkpoint, but not one of ours
     with pytest.raises(ValueError, match="model.safetensors: no eP-ALM run configuration in its metadata"):
         hub.load_adapter(tmp_path / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- a shared adapter, the toy backbones
+
+ADAPTER = """
+import json, sys
+import hub
+try:
+    print(json.dumps({"path": str(hub.adapter_path(sys.argv[1]))}))
+except Exception as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+"""
+
+
+def adapter_as_a_user(name, **env) -> dict:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("HF_", "HUGGINGFACE_")) and "proxy" not in k.lower()}
+    run = subprocess.run([sys.executable, "-c", ADAPTER, name], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**clean, "OMP_NUM_THREADS": "1", **env})
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def adapter_hub(tmp_path):
+    """The fake hub serving me/adapter (ckpt.safetensors and a README.md) and me/no-ckpt (a README.md only)."""
+    root = tmp_path / "repos"
+    for name in ("adapter", "no-ckpt"):
+        (root / "me" / name).mkdir(parents=True)
+        (root / "me" / name / "README.md").write_text("---\nlibrary_name: epalm\n---\n")
+    hub.save_adapter(trained_tiny(), root / "me" / "adapter" / "ckpt.safetensors", {"epalm": {}, "iter": 3})
+    fake = FakeHub(root)
+    yield fake, root
+    fake.close()
+
+
+def test_adapter_from_the_hub_lands_in_the_cache_then_works_offline(adapter_hub, tmp_path):
+    fake, root = adapter_hub
+    got = adapter_as_a_user("me/adapter", HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf"))
+    path = Path(got["path"])
+    assert path == tmp_path / "hf" / "hub" / "models--me--adapter" / "snapshots" / COMMIT / "ckpt.safetensors"
+    assert path.read_bytes() == (root / "me" / "adapter" / "ckpt.safetensors").read_bytes()
+    assert [(s, p) for s, m, p, _ in fake.requests if m == "GET" and not p.startswith("/api/")] == [
+        ("cdn", "/me/adapter/ckpt.safetensors")]
+    assert not [p for p in fake.asked() if "config.json" in p or "README" in p]  # only the checkpoint
+    assert hub.load_adapter(path)[1] == {"epalm": {}, "iter": 3}
+    fake.requests.clear()
+    again = adapter_as_a_user("me/adapter", HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    assert again == got and fake.requests == []
+
+
+def test_adapter_errors_from_the_hub_are_one_line(adapter_hub, tmp_path):
+    fake, _ = adapter_hub
+    env = dict(HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf"))
+    assert adapter_as_a_user("me/no-ckpt", **env) == {"error": "FileNotFoundError",
+                                                      "message": "me/no-ckpt/ckpt.safetensors: not on the hub"}
+    got = adapter_as_a_user("me/nothing", **env)
+    assert got["error"] == "FileNotFoundError" and "private or gated? set HF_TOKEN" in got["message"]
+    got = adapter_as_a_user("me/adapter", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty"))
+    assert got["error"] == "ConnectionError" and got["message"].startswith(
+        "cannot download me/adapter/ckpt.safetensors: offline (HF_HUB_OFFLINE is set)")
+
+
+def test_adapter_path_of_local_files_and_folders(tmp_path):
+    hub.save_adapter(trained_tiny(), tmp_path / "ckpt.safetensors", {"epalm": {}})
+    assert hub.adapter_path(str(tmp_path)) == tmp_path / "ckpt.safetensors"
+    assert hub.adapter_path(str(tmp_path / "ckpt.safetensors")) == tmp_path / "ckpt.safetensors"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path / 'empty'}: no ckpt.safetensors in this folder"):
+        hub.adapter_path(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path / 'gone'}: no checkpoint \\(no such file or folder"):
+        hub.adapter_path(str(tmp_path / "gone"))
+
+
+def test_toy_backbones_resolve_in_this_clone_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no toy/ here
+    assert hub.resolve("toy/lm") == toy.TOY_DIR / "lm" and hub.resolve("toy/vit") == toy.TOY_DIR / "vit"
+    assert hub.toy_backbone("/home/me/moved-clone/toy/lm") == toy.TOY_DIR / "lm"  # an older checkpoint's name
+    assert hub.resolve("/home/me/moved-clone/toy/ast") == toy.TOY_DIR / "ast"
+    (tmp_path / "mine" / "toy" / "lm").mkdir(parents=True)  # a folder that exists is what it names
+    assert hub.toy_backbone(str(tmp_path / "mine" / "toy" / "lm")) is None
+    assert hub.toy_backbone("/home/me/moved-clone/toy/gpt") is None  # not a toy backbone of this clone
+    assert hub.toy_backbone("facebook/opt-125m") is None
+    with pytest.raises(FileNotFoundError, match=f"^{toy.TOY_DIR / 'gpt'}: no such folder"):
+        hub.resolve("toy/gpt")

@@ -1,13 +1,16 @@
-"""sample.py as a user runs it: real image, wav and mp4 files, a checkpoint, bad input."""
+"""sample.py as a user runs it: real image, wav and mp4 files, a checkpoint (a run folder or an adapter shared on
+the hub), bad input."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import ROOT, TESTDATA
-from hub import save_adapter
+from hub import load_adapter, save_adapter
 from model import EPALM, EPALMConfig, load_backbones
 
 FILES = {"image": [TESTDATA / "images" / "hopper.jpg", TESTDATA / "images" / "pil123rgba.png"],
@@ -86,3 +89,56 @@ def test_a_text_file_given_as_audio_says_what_is_read(tiny_backbones, tmp_path):
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert p.stderr.startswith(f"error: {passwd}: not a WAV file, and its name has no suffix naming an audio format "
                                "epalm reads: .wav .flac"), p.stderr
+
+
+# ---- an adapter shared on the hub (test_hub's loopback fake hub), and where checkpoints are looked for
+
+def run_sample_as_a_user(*args, **env):
+    """sample.py with exactly env's Hugging Face variables (never the caller's cache or token)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_")) and
+             "proxy" not in k.lower()}
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env={**clean, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_an_adapter_on_the_hub_gives_the_local_folders_captions(tiny_backbones, tmp_path):
+    from test_hub import FakeHub
+    run = tmp_path / "runs" / "image-caption"
+    run.mkdir(parents=True)
+    make_checkpoint(tiny_backbones, "image", run / "ckpt.safetensors")
+    repos = tmp_path / "repos"
+    (repos / "me" / "captioner").mkdir(parents=True)
+    (repos / "me" / "captioner" / "ckpt.safetensors").write_bytes((run / "ckpt.safetensors").read_bytes())
+    (repos / "me" / "no-ckpt").mkdir(parents=True)
+    (repos / "me" / "no-ckpt" / "README.md").write_text("an adapter repository without its adapter\n")
+    lost = make_checkpoint(tiny_backbones, "image", tmp_path / "lost.safetensors")
+    lost_state, lost_config = load_adapter(lost)
+    (repos / "me" / "lost").mkdir(parents=True)
+    save_file(lost_state, repos / "me" / "lost" / "ckpt.safetensors",
+              metadata={"config": json.dumps({**lost_config, "lm": str(tmp_path / "gone" / "lm")})})
+    args = ["--image", *FILES["image"], "--max_new_tokens", 4]
+    local = run_sample(*args, "--checkpoint", run)
+    assert local.returncode == 0, local.stderr[-2000:]
+    fake = FakeHub(repos)
+    env = dict(HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf"))
+    try:
+        shared = run_sample_as_a_user(*args, "--checkpoint", "me/captioner", **env)
+        assert shared.returncode == 0, shared.stderr[-2000:]
+        assert shared.stdout == local.stdout and len(local.stdout.splitlines()) == 2
+        fake.requests.clear()
+        offline = run_sample_as_a_user(*args, "--checkpoint", "me/captioner", HF_HUB_OFFLINE="1", **env)
+        assert offline.stdout == local.stdout and fake.requests == [], offline.stderr[-2000:]
+        for repo, words in [("me/no-ckpt", "error: me/no-ckpt/ckpt.safetensors: not on the hub"),
+                            ("me/nothing", "error: me/nothing: no such folder, nor a repository on the hub"),
+                            ("me/lost", f"error: me/lost: the backbones it names do not load: {tmp_path / 'gone'}")]:
+            p = run_sample_as_a_user(*args, "--checkpoint", repo, **env)
+            assert p.returncode == 1 and p.stderr.startswith(words), p.stderr
+            assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    finally:
+        fake.close()
+
+
+def test_a_folder_without_a_checkpoint_says_so(tmp_path):
+    p = run_sample("--image", FILES["image"][0], "--checkpoint", tmp_path)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.strip() == f"error: {tmp_path}: no ckpt.safetensors in this folder (not a training run's out_dir?)"
