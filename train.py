@@ -88,6 +88,9 @@ debug = False               # show the traceback of errors (EPALM_DEBUG=1 too), 
 
 
 # ---- the command line: --key value / --key=value flags and JSON files over the defaults above ----
+DEFAULTS = {k: v for k, v in globals().items()  # taken before the setup below adds globals of its own
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
+TYPES = configurator.annotated_types(globals())  # of the settings whose default is None
 PAPER_BACKBONES = {"lm": "facebook/opt-2.7b", "image": "google/vit-base-patch16-224",
                    "video": "facebook/timesformer-base-finetuned-k400",
                    "audio": "MIT/ast-finetuned-audioset-10-10-0.4593"}
@@ -95,16 +98,14 @@ PAPER_BACKBONES = {"lm": "facebook/opt-2.7b", "image": "google/vit-base-patch16-
 
 def configure(argv: list[str]) -> dict:
     """The settings of this run: the defaults above, the toy preset, JSON files and flags (configurator.py)."""
-    defaults = {k: v for k, v in globals().items()
-                if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
-    chosen = configurator.overrides(argv, defaults, __doc__, configurator.annotated_types(globals()))
+    chosen = configurator.overrides(argv, DEFAULTS, __doc__, TYPES)
     given = set(chosen)
     if chosen.get("eval_only"):
         chosen.update(checkpoint_settings(chosen))
     for k, allowed in [("modality", data.MODALITIES), ("task", ("caption", "vqa")), ("inject", ("late", "input")),
                        ("init_from", ("scratch", "resume")), ("dataset", ("toy", *benchmarks.DATASETS)),
                        ("dtype", ("float32", "bfloat16", "float16"))]:
-        if chosen.get(k, defaults[k]) not in allowed:
+        if chosen.get(k, DEFAULTS[k]) not in allowed:
             configurator.fail(f"--{k} {chosen[k]}: expected one of {', '.join(allowed)}")
     notes = []  # said once the settings are known to be good
     name = chosen.get("dataset", dataset)
@@ -129,7 +130,7 @@ def configure(argv: list[str]) -> dict:
     if chosen.get("inject") == "input" and ignored:
         notes.append(f"--inject=input puts the last level's token at the input, with one connector: "
                      f"{', '.join(ignored)} ignored")
-    settings = {**defaults, **chosen}
+    settings = {**DEFAULTS, **chosen}
     check_settings(settings)
     for line in notes if os.environ.get("RANK", "0") == "0" else []:
         print(line)
