@@ -108,9 +108,9 @@ def configure(argv: list[str]) -> dict:
         if chosen.get(k, DEFAULTS[k]) not in allowed:
             configurator.fail(f"--{k} {chosen[k]}: expected one of {', '.join(allowed)}")
     notes = []  # said once the settings are known to be good
-    name = chosen.get("dataset", dataset)
+    name = chosen.get("dataset", DEFAULTS["dataset"])
     if name == "toy":  # the miniature world's preset, under what the user chose
-        preset = toy.train_preset(chosen.get("modality", modality), chosen.get("task", task))
+        preset = toy.train_preset(chosen.get("modality", DEFAULTS["modality"]), chosen.get("task", DEFAULTS["task"]))
         if chosen.get("fsdp"):  # a second adapter around the same sharded backbones is not something FSDP allows
             preset["blind_control"] = False
         chosen = {**preset, **chosen}

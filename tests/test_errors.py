@@ -39,10 +39,10 @@ TABLE = [
     ("train.py", "--dataset coco --data_dir {tmp}/nowhere", "--data_dir {tmp}/nowhere: no such folder"),
     ("train.py", "--dataset coco --data_dir {coco} --eval_split testdev", "--eval_split testdev: coco has the "
      "splits train, val, test"),
-    ("train.py", "--dataset coco --data_dir {bad_coco} --lm {lm} --encoder {vit}", "{bad_coco}: malformed coco "
-     "annotations (KeyError"),
-    ("train.py", "--dataset coco --data_dir {tmp} --lm {lm} --encoder {vit}", "{tmp}/dataset_coco.json: missing "
-     "coco annotation file"),
+    ("train.py", "--dataset coco --data_dir {bad_coco} --lm {lm} --encoder {vit} --num_levels 2",
+     "{bad_coco}: malformed coco annotations (KeyError"),
+    ("train.py", "--dataset coco --data_dir {tmp} --lm {lm} --encoder {vit} --num_levels 2",
+     "{tmp}/dataset_coco.json: missing coco annotation file"),
     ("train.py", "--dataset coco --data_dir {coco} --lm {lm} --encoder {vit} --num_levels 4",
      "--num_levels 4: more levels than the 3 blocks of the encoder"),
     ("train.py", "--dataset coco --data_dir {coco}", "cannot download facebook/opt-2.7b/config.json: offline"),
