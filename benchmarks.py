@@ -205,23 +205,26 @@ def read_msvd_qa(root: Path, split: str) -> list[Example]:
 @dataclass(frozen=True)
 class Benchmark:
     task: str                   # "caption" or "vqa"
+    modality: str               # "image", "audio" or "video"
     splits: tuple[str, ...]
     layout: str                 # what the root folder holds, said in the errors when something is missing
     read: Callable[[Path, str], list[Example]]
 
 
 DATASETS = {
-    "coco": Benchmark("caption", ("train", "val", "test"), "dataset_coco.json + train2014/, val2014/", read_coco),
-    "vqav2": Benchmark("vqa", ("train", "val"), "v2_OpenEnded_mscoco_{split}2014_questions.json + "
+    "coco": Benchmark("caption", "image", ("train", "val", "test"), "dataset_coco.json + train2014/, val2014/",
+                      read_coco),
+    "vqav2": Benchmark("vqa", "image", ("train", "val"), "v2_OpenEnded_mscoco_{split}2014_questions.json + "
                        "v2_mscoco_{split}2014_annotations.json + {split}2014/", read_vqav2),
-    "gqa": Benchmark("vqa", ("train", "val", "testdev"), "{split}_balanced_questions.json + images/", read_gqa),
-    "audiocaps": Benchmark("caption", ("train", "val", "test"), "{split}.csv + {split}/ with the clips",
+    "gqa": Benchmark("vqa", "image", ("train", "val", "testdev"), "{split}_balanced_questions.json + images/",
+                     read_gqa),
+    "audiocaps": Benchmark("caption", "audio", ("train", "val", "test"), "{split}.csv + {split}/ with the clips",
                            read_audiocaps),
-    "msrvtt": Benchmark("caption", ("train", "val", "test"), "MSRVTT_data.json or train_val_videodatainfo.json "
-                        "(+ MSRVTT_JSFUSION_test.csv) + videos/", read_msrvtt),
-    "msrvtt_qa": Benchmark("vqa", ("train", "val", "test"), "{split}_qa.json + videos/", read_msrvtt_qa),
-    "msvd_qa": Benchmark("vqa", ("train", "val", "test"), "{split}_qa.json + videos/ (+ youtube_mapping.txt)",
-                         read_msvd_qa),
+    "msrvtt": Benchmark("caption", "video", ("train", "val", "test"), "MSRVTT_data.json or "
+                        "train_val_videodatainfo.json (+ MSRVTT_JSFUSION_test.csv) + videos/", read_msrvtt),
+    "msrvtt_qa": Benchmark("vqa", "video", ("train", "val", "test"), "{split}_qa.json + videos/", read_msrvtt_qa),
+    "msvd_qa": Benchmark("vqa", "video", ("train", "val", "test"),
+                         "{split}_qa.json + videos/ (+ youtube_mapping.txt)", read_msvd_qa),
 }
 
 

@@ -8,7 +8,10 @@ defaults at its top; the command line overrides them.
 - a boolean alone means True (`--eval_only`), or takes True/False after it (`--compile False`);
 - a list setting (sample.py's `--image`) takes every argument up to the next flag;
 - a bare argument is a JSON file of settings, applied before the flags;
-- an unknown setting, a missing value or a value of the wrong type is a one-line error naming the setting.
+- an unknown setting, a missing value or a value of the wrong type is a one-line error naming the setting; a
+  setting whose default is None takes the type of its annotation (`top_k: int | None = None`);
+- `run(main)`: the errors deeper code already words (a missing file, a bad value, an unreachable download) reach
+  the user as one line too; `--debug` or EPALM_DEBUG=1 shows their traceback.
 
 Reference: karpathy/nanoGPT's configurator.py (which reads only `--key=value` and exec's config files; here
 config files are JSON and nothing is exec'd).
@@ -16,7 +19,9 @@ config files are JSON and nothing is exec'd).
 import ast
 import difflib
 import json
+import os
 import sys
+import types
 from pathlib import Path
 
 KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string", list: "one or more values"}
@@ -26,8 +31,33 @@ def fail(message: str):
     sys.exit(f"error: {message}")
 
 
-def parse_value(key: str, raw, default):
-    """raw (a command-line string, or a value from a JSON file) as the type of the setting's default."""
+def run(main, debug: bool = False):
+    """main(), with a ValueError or OSError (FileNotFoundError, ConnectionError; media.MediaError is a ValueError)
+    as one line: these are raised with messages that name the file or setting and the cause. Every other
+    exception is a bug and keeps its traceback; so do these with --debug or EPALM_DEBUG=1."""
+    try:
+        return main()
+    except (ValueError, OSError) as e:
+        if debug or os.environ.get("EPALM_DEBUG", "0") not in ("", "0"):
+            raise
+        fail(" ".join(str(e).split()) or type(e).__name__)
+
+
+def annotated_types(namespace: dict) -> dict[str, type]:
+    """The types of a script's settings whose default is None, from their annotations: `top_k: int | None = None`
+    -> {"top_k": int}."""
+    out = {}
+    for k, hint in namespace.get("__annotations__", {}).items():
+        args = hint.__args__ if isinstance(hint, types.UnionType) else (hint,)
+        out[k] = next(t for t in args if t is not type(None))
+    return out
+
+
+def parse_value(key: str, raw, default, kind: type | None = None):
+    """raw (a command-line string, or a value from a JSON file) as the type of the setting's default, or as `kind`
+    when the default is None (None stays None)."""
+    if default is None and kind is not None and raw not in (None, "None"):
+        return parse_value(key, raw, kind())
     if isinstance(default, list):
         return [str(v) for v in raw] if isinstance(raw, list) else [str(raw)]
     if isinstance(raw, str) and isinstance(default, bool) and raw.lower() in ("true", "false"):
@@ -38,8 +68,10 @@ def parse_value(key: str, raw, default):
         except (ValueError, SyntaxError):
             if default is not None:
                 fail(f"--{key} {raw}: expected {KINDS[type(default)]}")
-    if default is None or raw is None:  # settings without a fixed type (None = "automatic")
+    if default is None:  # a setting without a fixed type
         return raw
+    if raw is None:
+        fail(f"--{key} None: expected {KINDS[type(default)]}")
     if isinstance(default, float) and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
     if not isinstance(raw, type(default)) or (isinstance(raw, bool) and not isinstance(default, bool)):
@@ -56,9 +88,10 @@ def known_key(flag: str, defaults: dict) -> str:
     return key
 
 
-def overrides(argv: list[str], defaults: dict, doc: str = "") -> dict:
+def overrides(argv: list[str], defaults: dict, doc: str = "", kinds: dict[str, type] | None = None) -> dict:
     """The settings argv changes: JSON files (bare arguments) first, then the flags, checked against the types
-    of `defaults`. `--help` prints doc and the settings with their defaults."""
+    of `defaults` (and `kinds` for those whose default is None, see annotated_types). `--help` prints doc and the
+    settings with their defaults."""
     if "-h" in argv or "--help" in argv:
         print(doc.strip() + "\n\nsettings (default):")
         for k, v in defaults.items():
@@ -87,7 +120,8 @@ def overrides(argv: list[str], defaults: dict, doc: str = "") -> dict:
             flags[key] = True  # a bare switch; what followed it, if anything, is a config file
             i -= len(following)
         elif not following:
-            fail(f"--{key}: missing value (expected {KINDS.get(type(defaults[key]), 'a value')})")
+            kind = (kinds or {}).get(key, type(defaults[key]))
+            fail(f"--{key}: missing value (expected {KINDS.get(kind, 'a value')})")
         elif isinstance(defaults[key], bool):
             flags[key] = following[0].lower() == "true"
         else:
@@ -103,4 +137,4 @@ def overrides(argv: list[str], defaults: dict, doc: str = "") -> dict:
         for k, v in loaded.items():
             chosen[known_key(k, defaults)] = v
     chosen.update(flags)
-    return {k: parse_value(k, v, defaults[k]) for k, v in chosen.items()}
+    return {k: parse_value(k, v, defaults[k], (kinds or {}).get(k)) for k, v in chosen.items()}

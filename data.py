@@ -204,11 +204,11 @@ MAX_FAILED = 0.01  # more undecodable media than this stops a run: a wrong folde
 
 
 def check_failures(failed: int, total: int, what: str) -> None:
-    """Stop with one line when more than MAX_FAILED of `what` failed to decode, counted over at least 100 items
+    """Stop the run when more than MAX_FAILED of `what` failed to decode, counted over at least 100 items
     (so that one bad file among the first few, or in a tiny split, is not yet a verdict)."""
     if failed > MAX_FAILED * max(total, 100):
-        sys.exit(f"error: more than {MAX_FAILED:.0%} of the {what} failed to decode ({failed} of {total}): "
-                 f"check --data_dir (each failure was named above)")
+        raise ValueError(f"more than {MAX_FAILED:.0%} of the {what} failed to decode ({failed} of {total}): "
+                         f"check --data_dir (each failure was named above)")  # one line from configurator.run
 
 
 def media_fingerprint(media) -> bytes:

@@ -40,15 +40,15 @@ modality = "image"          # image | audio | video
 task = "caption"            # caption | vqa
 dataset = "toy"             # toy | coco | vqav2 | gqa | audiocaps | msrvtt | msrvtt_qa | msvd_qa
 data_dir = ""               # the data set's root folder (not for toy)
-lm = ""                     # "" = the toy LM; else a hub id or folder, e.g. facebook/opt-2.7b
-encoder = ""                # "" = the modality's toy encoder; else e.g. google/vit-base-patch16-224
+lm = ""                     # "" = the toy LM, or for a real data set the paper's OPT-2.7B; else a hub id or folder
+encoder = ""                # "" = the modality's toy encoder, or for a real data set the paper's (PAPER_BACKBONES)
 out_dir = ""                # "" = out/{modality}-{task}
 init_from = "scratch"       # scratch | resume
 eval_only = False
 # eP-ALM (model.py): the pt-L recipe by default
 num_levels = 6
-inject_start = None         # None: OPT-2.7B's window 19..31 of 32 scaled to the LM's depth
-inject_end = None
+inject_start: int | None = None  # None: OPT-2.7B's window 19..31 of 32 scaled to the LM's depth
+inject_end: int | None = None
 inject = "late"             # late | input (ablation: the last level's token only, as a prefix at layer 0)
 shared_connector = True
 prompt_length = 10
@@ -61,12 +61,13 @@ lr = 2e-4                   # connector
 prompt_lr = 1e-3
 weight_decay = 0.02
 warmup_iters = 1000
-lr_decay_iters = None       # None = max_iters (set it to stop early and resume on the same schedule)
+lr_decay_iters: int | None = None  # None = max_iters (set it to stop early and resume on the same schedule)
 min_lr_ratio = 0.1
 grad_clip = 1.0
 augment = True              # train-time augmentation (image crop/flip, SpecAugment, frame offsets)
 cache_features = False      # encode each media file once and train on the stored [CLS] tokens (no augment)
-num_workers = 4
+num_workers = min(4, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+                  // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # no more loader processes than cores per process
 # evaluation and logging
 eval_interval = 1000
 eval_iters = 10             # held-out batches whose loss is logged at each evaluation
@@ -85,38 +86,100 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = torch.cuda.is_available()
 fsdp = False                # shard the frozen LM and encoder over the processes (FSDP2) instead of replicating them
+debug = False               # show the traceback of errors (EPALM_DEBUG=1 too), not only their one line
 
 
 # ---- the command line: --key value / --key=value flags and JSON files over the defaults above ----
+DEFAULTS = {k: v for k, v in globals().items()  # taken before the setup below adds globals of its own
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
+TYPES = configurator.annotated_types(globals())  # of the settings whose default is None
+PAPER_BACKBONES = {"lm": "facebook/opt-2.7b", "image": "google/vit-base-patch16-224",
+                   "video": "facebook/timesformer-base-finetuned-k400",
+                   "audio": "MIT/ast-finetuned-audioset-10-10-0.4593"}
+
+
 def configure(argv: list[str]) -> dict:
     """The settings of this run: the defaults above, the toy preset, JSON files and flags (configurator.py)."""
-    defaults = {k: v for k, v in globals().items()
-                if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
-    chosen = configurator.overrides(argv, defaults, __doc__)
+    chosen = configurator.overrides(argv, DEFAULTS, __doc__, TYPES)
+    given = set(chosen)
     if chosen.get("eval_only"):
         chosen.update(checkpoint_settings(chosen))
     for k, allowed in [("modality", data.MODALITIES), ("task", ("caption", "vqa")), ("inject", ("late", "input")),
                        ("init_from", ("scratch", "resume")), ("dataset", ("toy", *benchmarks.DATASETS)),
                        ("dtype", ("float32", "bfloat16", "float16"))]:
-        if chosen.get(k, defaults[k]) not in allowed:
+        if chosen.get(k, DEFAULTS[k]) not in allowed:
             configurator.fail(f"--{k} {chosen[k]}: expected one of {', '.join(allowed)}")
-    if chosen.get("dataset", dataset) == "toy":  # the miniature world's preset, under what the user chose
-        preset = toy.train_preset(chosen.get("modality", modality), chosen.get("task", task))
+    notes = []  # said once the settings are known to be good
+    name = chosen.get("dataset", DEFAULTS["dataset"])
+    if name == "toy":  # the miniature world's preset, under what the user chose
+        preset = toy.train_preset(chosen.get("modality", DEFAULTS["modality"]), chosen.get("task", DEFAULTS["task"]))
         if chosen.get("fsdp"):  # a second adapter around the same sharded backbones is not something FSDP allows
             preset["blind_control"] = False
         chosen = {**preset, **chosen}
-    elif "task" not in chosen:
-        chosen["task"] = benchmarks.DATASETS[chosen["dataset"]].task
-    if chosen.get("fsdp") and chosen.get("blind_control"):
-        configurator.fail("--blind_control needs a second adapter around the same backbones, which FSDP cannot shard "
-                          "twice: run the control without --fsdp")
-    return {**defaults, **chosen}
+    else:  # a real data set knows its modality and task, and gets the paper's backbones unless told otherwise
+        benchmark = benchmarks.DATASETS[name]
+        for k in ("modality", "task"):
+            if chosen.get(k, getattr(benchmark, k)) != getattr(benchmark, k):
+                configurator.fail(f"--{k} {chosen[k]} contradicts --dataset {name} ({k}: {getattr(benchmark, k)})")
+            chosen[k] = getattr(benchmark, k)
+        paper = {"lm": PAPER_BACKBONES["lm"], "encoder": PAPER_BACKBONES[benchmark.modality]}
+        unset = [k for k in paper if not chosen.get(k)]
+        if unset and not chosen.get("eval_only"):  # --eval_only: the checkpoint names its backbones
+            chosen.update({k: paper[k] for k in unset})
+            notes.append(f"{name}: the paper's backbones by default: " +
+                         ", ".join(f"--{k} {paper[k]}" for k in unset))
+    ignored = [f"--{k}" for k in ("num_levels", "inject_start", "inject_end", "shared_connector") if k in given]
+    if chosen.get("inject") == "input" and ignored:
+        notes.append(f"--inject=input puts the last level's token at the input, with one connector: "
+                     f"{', '.join(ignored)} ignored")
+    settings = {**DEFAULTS, **chosen}
+    check_settings(settings)
+    for line in notes if os.environ.get("RANK", "0") == "0" else []:
+        print(line)
+    return settings
+
+
+def check_settings(s: dict) -> None:
+    """Ranges and combinations, each a one-line error naming the setting. Whether the injection window fits the
+    LM is known once the LM is loaded (model.injection_window says so)."""
+    at_least = {"max_iters": 1, "batch_size": 1, "grad_accum": 1, "eval_interval": 1, "eval_iters": 1,
+                "log_interval": 1, "num_levels": 1, "inject_start": 0, "inject_end": 1, "prompt_length": 0,
+                "warmup_iters": 0, "lr_decay_iters": 1, "lr": 0, "prompt_lr": 0,
+                "weight_decay": 0, "min_lr_ratio": 0, "grad_clip": 0, "num_workers": 0, "eval_samples": 0,
+                "num_beams": 1, "max_new_tokens": 1, "toy_train_samples": 1, "toy_eval_samples": 1, "seed": 0}
+    for k, low in at_least.items():
+        if s.get(k) is not None and s[k] < low:
+            configurator.fail(f"--{k} {s[k]}: expected at least {low}")
+    if s["min_lr_ratio"] > 1:
+        configurator.fail(f"--min_lr_ratio {s['min_lr_ratio']}: expected at most 1 (a fraction of --lr)")
+    start, end = s["inject_start"], s["inject_end"]
+    if s["inject"] == "late" and start is not None and end is not None:
+        if start >= end:
+            configurator.fail(f"--inject_start {start} --inject_end {end}: the injection window [{start}, {end}) "
+                              "is empty")
+        if end - start < s["num_levels"]:
+            configurator.fail(f"--num_levels {s['num_levels']}: more levels than the {end - start} layers of the "
+                              f"injection window [{start}, {end}) (--inject_start, --inject_end)")
+    if s["fsdp"] and s["blind_control"]:
+        configurator.fail("--blind_control needs a second adapter around the same backbones, which FSDP cannot "
+                          "shard twice: run the control without --fsdp")
+    if s["dataset"] != "toy":
+        benchmark = benchmarks.DATASETS[s["dataset"]]
+        if not s["data_dir"]:
+            configurator.fail(f"--dataset {s['dataset']} needs --data_dir, its root folder ({benchmark.layout})")
+        if not Path(s["data_dir"]).is_dir():
+            configurator.fail(f"--data_dir {s['data_dir']}: no such folder (a {s['dataset']} root holds "
+                              f"{benchmark.layout})")
+        if s["eval_split"] not in benchmark.splits:
+            configurator.fail(f"--eval_split {s['eval_split']}: {s['dataset']} has the splits "
+                              f"{', '.join(benchmark.splits)}")
 
 
 def checkpoint_settings(chosen: dict) -> dict:
-    """--eval_only: a checkpoint knows what it was trained on (modality, task, data set, data_dir): score it on
-    that, unless data_dir is given. out_dir is a run's folder, or a hub repository (USER/NAME): its
-    ckpt.safetensors is downloaded (hub.adapter_path) and copied to out/USER/NAME, with what it is scored on."""
+    """--eval_only: a checkpoint knows what it was trained on (modality, task, data set, data_dir) and how it was
+    evaluated (beams, tokens, the toy world's seed and held-out size): score it on that, unless given. out_dir is
+    a run's folder, or a hub repository (USER/NAME): its ckpt.safetensors is downloaded (hub.adapter_path) and
+    copied to out/USER/NAME, with what it is scored on."""
     name = chosen.get("out_dir") or f"out/{chosen.get('modality', modality)}-{chosen.get('task', task)}"
     local = not chosen.get("out_dir") or Path(name).exists() or not hub.REPO_ID.fullmatch(name)
     ckpt = Path(name, "ckpt.safetensors") if local else None
@@ -133,7 +196,9 @@ def checkpoint_settings(chosen: dict) -> dict:
         (out / "ckpt.safetensors.tmp").write_bytes(ckpt.read_bytes())
         os.replace(out / "ckpt.safetensors.tmp", out / "ckpt.safetensors")
     return {"out_dir": str(out), **{k: trained[k] for k in ("modality", "task", "dataset")},
-            "data_dir": chosen.get("data_dir", trained.get("data_dir", ""))}
+            "data_dir": chosen.get("data_dir", trained.get("data_dir", "")),
+            **{k: trained[k] for k in ("num_beams", "max_new_tokens", "seed", "toy_eval_samples")
+               if k in trained and k not in chosen}}
 
 
 settings = configure(sys.argv[1:] if __name__ == "__main__" else [])
@@ -167,6 +232,7 @@ def run_config() -> dict:
             "data_dir": str(Path(data_dir).resolve()) if data_dir else "",
             # the toy backbones by their place in the clone, so that a run folder loads in any clone (hub.py)
             "lm": lm or "toy/lm", "encoder": encoder or f"toy/{toy.encoder_dir(modality).name}",
+            **{k: globals()[k] for k in ("num_beams", "max_new_tokens", "seed", "toy_eval_samples")},
             "epalm": epalm_config().__dict__}
 
 
@@ -217,6 +283,9 @@ def build_model():
     cfg = run_config()
     lm_, tokenizer, encoder_ = load_backbones(modality, cfg["lm"], cfg["encoder"], dtype=weights_dtype,
                                               shard=distributed.shard_blocks if fsdp else None)
+    if inject == "late" and num_levels > len(encoder_.layers):
+        configurator.fail(f"--num_levels {num_levels}: more levels than the {len(encoder_.layers)} blocks of "
+                          f"the encoder")
     torch.manual_seed(seed)
     model = EPALM(lm_, encoder_, epalm_config()).to(device)
     return (distributed.shard_root(model) if fsdp else model), tokenizer
@@ -264,16 +333,16 @@ def write_card(model, run_dir: Path, it: int, scores: dict | None = None, blind:
 def load_state(model, optimizer, scaler, run_dir: Path) -> int:
     path = run_dir / "state.pt"
     if not path.exists():
-        sys.exit(f"--init_from=resume: no {path} (train first, or check --out_dir)")
+        configurator.fail(f"--init_from=resume: no {path} (train first, or check --out_dir)")
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
-        sys.exit(f"--init_from=resume: {path} is unreadable ({type(e).__name__}: {e})")
+        configurator.fail(f"--init_from=resume: {path} is unreadable ({type(e).__name__}: {e})")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, v in state["adapter"].items():
             if n not in params or params[n].shape != v.shape:
-                sys.exit(f"--init_from=resume: {path} does not match this configuration (parameter {n})")
+                configurator.fail(f"--init_from=resume: {path} does not match this configuration (parameter {n})")
             params[n].copy_(v)
     optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):  # float16 runs only (a disabled scaler's state is empty)
@@ -386,8 +455,8 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool, resum
             continue
         train_loss = distributed.sum_over_processes(interval_loss).item() / (it - interval_start) / world
         if not math.isfinite(train_loss):  # the one host sync of the interval, above
-            sys.exit(f"loss is {train_loss} between iterations {interval_start + 1} and {it}: stopped. The last good "
-                     f"checkpoint ({run_dir / 'ckpt.safetensors'}) is kept; try a lower --lr")
+            configurator.fail(f"loss is {train_loss} between iterations {interval_start + 1} and {it}: stopped. The "
+                              f"last good checkpoint ({run_dir / 'ckpt.safetensors'}) is kept; try a lower --lr")
         dt = time.time() - t0  # rates over the iterations since the last log line
         row = {"iter": it, "loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                "samples_per_s": samples * world / dt, "tokens_per_s": tokens * world / dt}
@@ -455,6 +524,8 @@ def run_eval_only():
 
 def run_training():
     """Train the recipe (and its blind control), score it, and print the results table."""
+    train_ex, eval_ex = load_examples()  # before the backbones: a data set's errors come at once
+    say(f"{len(train_ex):,} training and {len(eval_ex):,} held-out examples")
     model, tokenizer = build_model()
     say(f"eP-ALM on {modality} {task}: {model.parameter_report()}; injected into LM layers "
         f"[{model.start}, {model.end}) of {len(model.lm.layers)}")
@@ -462,8 +533,6 @@ def run_training():
         mine, whole = distributed.frozen_bytes(model)
         say(f"FSDP over {world} process(es): frozen weights {mine / 2**20:,.1f} MiB on this process, "
             f"{whole / 2**20:,.1f} MiB in all")
-    train_ex, eval_ex = load_examples()
-    say(f"{len(train_ex):,} training and {len(eval_ex):,} held-out examples")
     scores = train(model, tokenizer, train_ex, eval_ex, out_dir, blind=False, resume=init_from == "resume")
     blind = None
     if blind_control:
@@ -480,4 +549,4 @@ def run_training():
 
 
 if __name__ == "__main__":
-    main()
+    configurator.run(main, debug)

@@ -70,3 +70,42 @@ def test_help_lists_the_settings(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("Doc line.") and "--max_iters 20000" in out and "--image []" in out
+
+
+def test_settings_whose_default_is_none_take_their_annotations_type():
+    namespace = {"__annotations__": {"inject_start": int | None, "top_p": float | None}}
+    kinds = configurator.annotated_types(namespace)
+    assert kinds == {"inject_start": int, "top_p": float}
+    defaults = {"inject_start": None, "top_p": None}
+    assert configurator.overrides(["--inject_start", "3", "--top_p=1"], defaults, kinds=kinds) == {
+        "inject_start": 3, "top_p": 1.0}
+    assert configurator.overrides(["--inject_start", "None"], defaults, kinds=kinds) == {"inject_start": None}
+    for argv, words in [(["--inject_start", "abc"], "error: --inject_start abc: expected an integer"),
+                        (["--inject_start", "2.5"], "error: --inject_start 2.5: expected an integer"),
+                        (["--top_p", "x"], "error: --top_p x: expected a number"),
+                        (["--top_p"], "error: --top_p: missing value (expected a number)")]:
+        with pytest.raises(SystemExit) as e:
+            configurator.overrides(argv, defaults, kinds=kinds)
+        assert e.value.code == words
+    assert error_of("--max_iters", "None") == "error: --max_iters None: expected an integer"
+
+
+def test_run_words_the_errors_deeper_code_raises_as_one_line(monkeypatch):
+    def missing():
+        raise FileNotFoundError("/data/coco/dataset_coco.json: missing coco annotation file\n(expected ...)")
+
+    def bug():
+        raise KeyError("not a user's mistake")
+
+    monkeypatch.delenv("EPALM_DEBUG", raising=False)
+    assert configurator.run(lambda: 7) == 7
+    with pytest.raises(SystemExit) as e:
+        configurator.run(missing)
+    assert e.value.code == "error: /data/coco/dataset_coco.json: missing coco annotation file (expected ...)"
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        configurator.run(bug)
+    with pytest.raises(FileNotFoundError):
+        configurator.run(missing, debug=True)
+    monkeypatch.setenv("EPALM_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        configurator.run(missing)

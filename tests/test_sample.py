@@ -18,13 +18,13 @@ FILES = {"image": [TESTDATA / "images" / "hopper.jpg", TESTDATA / "images" / "pi
          "video": [TESTDATA / "video" / "short_32frames.mp4"]}
 
 
-def make_checkpoint(tiny_backbones, modality, path):
+def make_checkpoint(tiny_backbones, modality, path, task="caption", **evaluated):
     torch.manual_seed(0)
     lm, _, encoder = load_backbones(modality, tiny_backbones["lm"], tiny_backbones[modality])
     config = EPALMConfig(num_levels=2, prompt_length=3)
     model = EPALM(lm, encoder, config)
-    save_adapter(model, path, {"modality": modality, "task": "caption", "lm": tiny_backbones["lm"],
-                               "encoder": tiny_backbones[modality], "epalm": config.__dict__})
+    save_adapter(model, path, {"modality": modality, "task": task, "lm": tiny_backbones["lm"],
+                               "encoder": tiny_backbones[modality], "epalm": config.__dict__, **evaluated})
     return path
 
 
@@ -142,3 +142,26 @@ def test_a_folder_without_a_checkpoint_says_so(tmp_path):
     p = run_sample("--image", FILES["image"][0], "--checkpoint", tmp_path)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert p.stderr.strip() == f"error: {tmp_path}: no ckpt.safetensors in this folder (not a training run's out_dir?)"
+
+
+def test_decoding_follows_the_checkpoint_unless_given(tiny_backbones, tmp_path):
+    """sample.py decodes as train.py evaluated the checkpoint (its num_beams, max_new_tokens); a checkpoint from
+    before they were recorded: greedy, 30 tokens; flags win."""
+    new = make_checkpoint(tiny_backbones, "image", tmp_path / "new.safetensors", num_beams=2, max_new_tokens=2)
+    old = make_checkpoint(tiny_backbones, "image", tmp_path / "old.safetensors")  # the same weights (seed 0)
+    out = {name: run_sample("--image", *FILES["image"], "--checkpoint", ckpt, *flags) for name, ckpt, flags in [
+        ("new", new, []), ("new 2 beams 2 tokens", new, ["--num_beams", 2, "--max_new_tokens", 2]),
+        ("old", old, []), ("new greedy 30 tokens", new, ["--num_beams", 1, "--max_new_tokens", 30])]}
+    assert all(p.returncode == 0 for p in out.values()), [p.stderr[-2000:] for p in out.values()]
+    assert out["new"].stdout == out["new 2 beams 2 tokens"].stdout
+    assert out["old"].stdout == out["new greedy 30 tokens"].stdout != out["new"].stdout
+
+
+def test_a_vqa_checkpoint_asks_for_a_question(tiny_backbones, tmp_path):
+    ckpt = make_checkpoint(tiny_backbones, "image", tmp_path / "ckpt.safetensors", task="vqa")
+    p = run_sample("--image", FILES["image"][0], "--checkpoint", ckpt)
+    assert p.returncode == 1 and p.stderr == f"error: {ckpt} was trained to answer questions (VQA): ask one with " \
+                                             "--question\n", p.stderr
+    p = run_sample("--image", FILES["image"][0], "--checkpoint", ckpt, "--question", "what colour?",
+                   "--max_new_tokens", 2)
+    assert p.returncode == 0 and p.stdout.startswith(f"{FILES['image'][0]}: "), p.stderr[-2000:]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TESTDATA, coco_layout
 import toy
-from hub import load_adapter
+from hub import load_adapter, save_adapter
 
 
 def run_train(tiny_backbones, out_dir, *flags, modality="image", check=True):
@@ -33,6 +33,8 @@ def test_short_run_writes_checkpoint_log_curves_and_scores(tiny_backbones, tmp_p
         assert (out / name).exists(), name
     state, config = load_adapter(out / "ckpt.safetensors")
     assert config["modality"] == "image" and config["iter"] == 4
+    # how it was evaluated, for sample.py and --eval_only: the toy preset's greedy decoding, the flags above
+    assert [config[k] for k in ("num_beams", "max_new_tokens", "seed", "toy_eval_samples")] == [1, 4, 1337, 8]
     levels = toy.train_preset("image", "caption")["num_levels"]  # the toy preset: one connector per level
     assert set(state) == {"prompt"} | {f"connector.{k}.{w}" for k in range(levels) for w in ("weight", "bias")}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -269,3 +271,55 @@ def test_a_real_data_set_layout_end_to_end_scores_the_whole_split(tiny_backbones
     assert scores["items"] == 3 and "CIDEr" in scores
     assert "held-out, val split" in p.stdout and "items scored" in p.stdout and " 3" in p.stdout
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+
+
+def test_eval_only_takes_the_runs_evaluation_settings(tmp_path):
+    """--eval_only rebuilds the toy held-out set from the run's seed and size and decodes as the run did, unless
+    told otherwise; a checkpoint from before these were recorded gets the toy preset's."""
+    import train
+    run = {"modality": "audio", "task": "caption", "dataset": "toy", "data_dir": "", "lm": "", "encoder": "",
+           "epalm": {}}
+    save_adapter(torch.nn.Linear(1, 1), tmp_path / "ckpt.safetensors",
+                 {**run, "num_beams": 2, "max_new_tokens": 5, "seed": 7, "toy_eval_samples": 9})
+    keys = ("modality", "num_beams", "max_new_tokens", "seed", "toy_eval_samples")
+    s = train.configure(["--eval_only", "--out_dir", str(tmp_path)])
+    assert [s[k] for k in keys] == ["audio", 2, 5, 7, 9]
+    s = train.configure(["--eval_only", "--out_dir", str(tmp_path), "--toy_eval_samples", "3", "--num_beams", "1"])
+    assert [s[k] for k in keys] == ["audio", 1, 5, 7, 3]
+    save_adapter(torch.nn.Linear(1, 1), tmp_path / "ckpt.safetensors", run)
+    s = train.configure(["--eval_only", "--out_dir", str(tmp_path)])
+    assert [s[k] for k in keys] == ["audio", 1, 16, 1337, 300]
+
+
+def test_a_real_data_set_takes_its_modality_and_the_papers_backbones(tmp_path, capsys):
+    import train
+    for name, modality, encoder in [("coco", "image", "google/vit-base-patch16-224"),
+                                    ("audiocaps", "audio", "MIT/ast-finetuned-audioset-10-10-0.4593"),
+                                    ("msvd_qa", "video", "facebook/timesformer-base-finetuned-k400")]:
+        s = train.configure(["--dataset", name, "--data_dir", str(tmp_path)])
+        assert [s["modality"], s["lm"], s["encoder"]] == [modality, "facebook/opt-2.7b", encoder]
+        assert capsys.readouterr().out == (f"{name}: the paper's backbones by default: --lm facebook/opt-2.7b, "
+                                           f"--encoder {encoder}\n")
+    s = train.configure(["--dataset", "coco", "--data_dir", str(tmp_path), "--lm", "my/lm"])
+    assert s["lm"] == "my/lm" and s["task"] == "caption"
+    assert capsys.readouterr().out == ("coco: the paper's backbones by default: "
+                                       "--encoder google/vit-base-patch16-224\n")
+    s = train.configure(["--dataset", "msvd_qa", "--data_dir", str(tmp_path), "--modality=video", "--task=vqa"])
+    assert s["task"] == "vqa" and "msvd_qa: the paper's backbones" in capsys.readouterr().out  # agreeing is fine
+    s = train.configure(["--modality", "audio"])  # the toy world keeps its toy backbones, silently
+    assert s["lm"] == s["encoder"] == "" and capsys.readouterr().out == ""
+
+
+def test_inject_input_says_which_settings_it_ignores(capsys):
+    import train
+    train.configure(["--inject", "input", "--num_levels", "3", "--shared_connector", "False"])
+    assert capsys.readouterr().out == ("--inject=input puts the last level's token at the input, with one connector: "
+                                       "--num_levels, --shared_connector ignored\n")
+    train.configure(["--inject", "input"])  # the toy preset's num_levels is not the user's
+    train.configure(["--num_levels", "2"])
+    assert capsys.readouterr().out == ""
+
+
+def test_num_workers_fit_the_cores():
+    import train
+    assert 0 <= train.num_workers <= len(os.sched_getaffinity(0))
