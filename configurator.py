@@ -88,15 +88,19 @@ def known_key(flag: str, defaults: dict) -> str:
     return key
 
 
+def print_help(doc: str, values: dict, heading: str):
+    print(doc.strip() + f"\n\n{heading}:")
+    for k, v in values.items():
+        print(f"  --{k} {v!r}")
+    sys.exit(0)
+
+
 def overrides(argv: list[str], defaults: dict, doc: str = "", kinds: dict[str, type] | None = None) -> dict:
     """The settings argv changes: JSON files (bare arguments) first, then the flags, checked against the types
     of `defaults` (and `kinds` for those whose default is None, see annotated_types). `--help` prints doc and the
     settings with their defaults."""
     if "-h" in argv or "--help" in argv:
-        print(doc.strip() + "\n\nsettings (default):")
-        for k, v in defaults.items():
-            print(f"  --{k} {v!r}")
-        sys.exit(0)
+        print_help(doc, defaults, "settings (default)")
     files, flags, i = [], {}, 0
     while i < len(argv):
         arg = argv[i]

@@ -59,7 +59,8 @@ def eval_batches(examples, features, tokenizer, transform, cfg: EvalConfig, blin
         if batch is not None and batch["index"]:
             yield batch, True
         elif cfg.fsdp:
-            yield {**stand_in(examples, features, transform, collate), "dropped": batch["dropped"] if batch else 0}, False
+            substitute = stand_in(examples, features, transform, collate)
+            yield {**substitute, "dropped": batch["dropped"] if batch else 0}, False
         else:
             yield batch, False
 
@@ -110,7 +111,8 @@ def score(examples, preds: dict[str, str], cfg: EvalConfig) -> dict[str, float]:
         return {}
     out = {"items": len(examples)}
     if cfg.task == "caption":
-        out.update(metrics.caption_scores({e.id: e.references for e in examples}, {e.id: preds[e.id] for e in examples}))
+        out.update(metrics.caption_scores({e.id: e.references for e in examples},
+                                          {e.id: preds[e.id] for e in examples}))
         out["exact match"] = sum(metrics.normalize_answer(preds[e.id]) == metrics.normalize_answer(e.target)
                                  for e in examples) / len(examples)
     else:

@@ -31,6 +31,7 @@ import data
 import distributed
 import hub
 import toy
+import train_config
 from evaluate import EvalConfig, eval_batches, evaluate, results_table
 from model import EPALM, EPALMConfig, from_checkpoint, load_backbones
 from plot import plot_curves
@@ -41,7 +42,7 @@ task = "caption"            # caption | vqa
 dataset = "toy"             # toy | coco | vqav2 | gqa | audiocaps | msrvtt | msrvtt_qa | msvd_qa
 data_dir = ""               # the data set's root folder (not for toy)
 lm = ""                     # "" = the toy LM, or for a real data set the paper's OPT-2.7B; else a hub id or folder
-encoder = ""                # "" = the modality's toy encoder, or for a real data set the paper's (PAPER_BACKBONES)
+encoder = ""                # "" = the modality's toy encoder, or for a real data set the paper's (train_config.py)
 out_dir = ""                # "" = out/{modality}-{task}
 init_from = "scratch"       # scratch | resume
 eval_only = False
@@ -93,112 +94,11 @@ debug = False               # show the traceback of errors (EPALM_DEBUG=1 too), 
 DEFAULTS = {k: v for k, v in globals().items()  # taken before the setup below adds globals of its own
             if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
 TYPES = configurator.annotated_types(globals())  # of the settings whose default is None
-PAPER_BACKBONES = {"lm": "facebook/opt-2.7b", "image": "google/vit-base-patch16-224",
-                   "video": "facebook/timesformer-base-finetuned-k400",
-                   "audio": "MIT/ast-finetuned-audioset-10-10-0.4593"}
 
 
 def configure(argv: list[str]) -> dict:
-    """The settings of this run: the defaults above, the toy preset, JSON files and flags (configurator.py)."""
-    chosen = configurator.overrides(argv, DEFAULTS, __doc__, TYPES)
-    given = set(chosen)
-    if chosen.get("eval_only"):
-        chosen.update(checkpoint_settings(chosen))
-    for k, allowed in [("modality", data.MODALITIES), ("task", ("caption", "vqa")), ("inject", ("late", "input")),
-                       ("init_from", ("scratch", "resume")), ("dataset", ("toy", *benchmarks.DATASETS)),
-                       ("dtype", ("float32", "bfloat16", "float16"))]:
-        if chosen.get(k, DEFAULTS[k]) not in allowed:
-            configurator.fail(f"--{k} {chosen[k]}: expected one of {', '.join(allowed)}")
-    notes = []  # said once the settings are known to be good
-    name = chosen.get("dataset", DEFAULTS["dataset"])
-    if name == "toy":  # the miniature world's preset, under what the user chose
-        preset = toy.train_preset(chosen.get("modality", DEFAULTS["modality"]), chosen.get("task", DEFAULTS["task"]))
-        if chosen.get("fsdp"):  # a second adapter around the same sharded backbones is not something FSDP allows
-            preset["blind_control"] = False
-        chosen = {**preset, **chosen}
-    else:  # a real data set knows its modality and task, and gets the paper's backbones unless told otherwise
-        benchmark = benchmarks.DATASETS[name]
-        for k in ("modality", "task"):
-            if chosen.get(k, getattr(benchmark, k)) != getattr(benchmark, k):
-                configurator.fail(f"--{k} {chosen[k]} contradicts --dataset {name} ({k}: {getattr(benchmark, k)})")
-            chosen[k] = getattr(benchmark, k)
-        paper = {"lm": PAPER_BACKBONES["lm"], "encoder": PAPER_BACKBONES[benchmark.modality]}
-        unset = [k for k in paper if not chosen.get(k)]
-        if unset and not chosen.get("eval_only"):  # --eval_only: the checkpoint names its backbones
-            chosen.update({k: paper[k] for k in unset})
-            notes.append(f"{name}: the paper's backbones by default: " +
-                         ", ".join(f"--{k} {paper[k]}" for k in unset))
-    ignored = [f"--{k}" for k in ("num_levels", "inject_start", "inject_end", "shared_connector") if k in given]
-    if chosen.get("inject") == "input" and ignored:
-        notes.append(f"--inject=input puts the last level's token at the input, with one connector: "
-                     f"{', '.join(ignored)} ignored")
-    settings = {**DEFAULTS, **chosen}
-    check_settings(settings)
-    for line in notes if os.environ.get("RANK", "0") == "0" else []:
-        print(line)
-    return settings
-
-
-def check_settings(s: dict) -> None:
-    """Ranges and combinations, each a one-line error naming the setting. Whether the injection window fits the
-    LM is known once the LM is loaded (model.injection_window says so)."""
-    at_least = {"max_iters": 1, "batch_size": 1, "grad_accum": 1, "eval_interval": 1, "eval_iters": 1,
-                "log_interval": 1, "num_levels": 1, "inject_start": 0, "inject_end": 1, "prompt_length": 0,
-                "warmup_iters": 0, "lr_decay_iters": 1, "lr": 0, "prompt_lr": 0,
-                "weight_decay": 0, "min_lr_ratio": 0, "grad_clip": 0, "num_workers": 0, "eval_samples": 0,
-                "num_beams": 1, "max_new_tokens": 1, "toy_train_samples": 1, "toy_eval_samples": 1, "seed": 0}
-    for k, low in at_least.items():
-        if s.get(k) is not None and s[k] < low:
-            configurator.fail(f"--{k} {s[k]}: expected at least {low}")
-    if s["min_lr_ratio"] > 1:
-        configurator.fail(f"--min_lr_ratio {s['min_lr_ratio']}: expected at most 1 (a fraction of --lr)")
-    start, end = s["inject_start"], s["inject_end"]
-    if s["inject"] == "late" and start is not None and end is not None:
-        if start >= end:
-            configurator.fail(f"--inject_start {start} --inject_end {end}: the injection window [{start}, {end}) "
-                              "is empty")
-        if end - start < s["num_levels"]:
-            configurator.fail(f"--num_levels {s['num_levels']}: more levels than the {end - start} layers of the "
-                              f"injection window [{start}, {end}) (--inject_start, --inject_end)")
-    if s["fsdp"] and s["blind_control"]:
-        configurator.fail("--blind_control needs a second adapter around the same backbones, which FSDP cannot "
-                          "shard twice: run the control without --fsdp")
-    if s["dataset"] != "toy":
-        benchmark = benchmarks.DATASETS[s["dataset"]]
-        if not s["data_dir"]:
-            configurator.fail(f"--dataset {s['dataset']} needs --data_dir, its root folder ({benchmark.layout})")
-        if not Path(s["data_dir"]).is_dir():
-            configurator.fail(f"--data_dir {s['data_dir']}: no such folder (a {s['dataset']} root holds "
-                              f"{benchmark.layout})")
-        if s["eval_split"] not in benchmark.splits:
-            configurator.fail(f"--eval_split {s['eval_split']}: {s['dataset']} has the splits "
-                              f"{', '.join(benchmark.splits)}")
-
-
-def checkpoint_settings(chosen: dict) -> dict:
-    """--eval_only: a checkpoint knows what it was trained on (modality, task, data set, data_dir) and how it was
-    evaluated (beams, tokens, the toy world's seed and held-out size): score it on that, unless given. out_dir is
-    a run's folder, or a hub repository (USER/NAME): its ckpt.safetensors is downloaded (hub.adapter_path) and
-    copied to out/USER/NAME, with what it is scored on."""
-    name = chosen.get("out_dir") or f"out/{chosen.get('modality', modality)}-{chosen.get('task', task)}"
-    local = not chosen.get("out_dir") or Path(name).exists() or not hub.REPO_ID.fullmatch(name)
-    ckpt = Path(name, "ckpt.safetensors") if local else None
-    if local and not ckpt.exists():
-        configurator.fail(f"--eval_only: no checkpoint at {ckpt} (train first, or pass --out_dir)")
-    try:
-        ckpt = ckpt or hub.adapter_path(name)
-        _, trained = hub.load_adapter(ckpt)
-    except (OSError, ValueError) as e:
-        configurator.fail(f"--eval_only: {e}")
-    out = ckpt.parent if local else Path("out", *name.split("/"))
-    if not local:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ckpt.safetensors.tmp").write_bytes(ckpt.read_bytes())
-        os.replace(out / "ckpt.safetensors.tmp", out / "ckpt.safetensors")
-    return {"out_dir": str(out), **{k: trained[k] for k in ("modality", "task", "dataset")},
-            "data_dir": chosen.get("data_dir", trained.get("data_dir", "")),
-            **{k: trained[k] for k in ("num_beams", "max_new_tokens", "seed", "toy_eval_samples")
-               if k in trained and k not in chosen}}
+    """The settings of a run (train_config.py: the toy preset or a data set's own, a checkpoint's, the checks)."""
+    return train_config.resolve(argv, DEFAULTS, TYPES, __doc__)
 
 
 settings = configure(sys.argv[1:] if __name__ == "__main__" else [])
@@ -272,9 +172,10 @@ def micro_batches(n: int, first_step: int):
 def batches(examples, features, tokenizer, transform, first_step: int, blind: bool):
     """Training batches from micro-step `first_step` on (see data.Collate for what a batch holds)."""
     loader = torch.utils.data.DataLoader(
-        data.ExampleDataset(examples, transform, features, seed), batch_sampler=micro_batches(len(examples), first_step),
-        num_workers=0 if features is not None else num_workers, collate_fn=data.Collate(examples, tokenizer, blind=blind),
-        pin_memory=device_type == "cuda")
+        data.ExampleDataset(examples, transform, features, seed),
+        batch_sampler=micro_batches(len(examples), first_step), pin_memory=device_type == "cuda",
+        num_workers=0 if features is not None else num_workers,
+        collate_fn=data.Collate(examples, tokenizer, blind=blind))
     return iter(loader)
 
 
@@ -310,6 +211,8 @@ def lr_factor(it: int) -> float:
         return (it + 1) / warmup_iters
     progress = min(1.0, (it - warmup_iters) / max(1, (lr_decay_iters or max_iters) - warmup_iters))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def save_checkpoint(model, optimizer, scaler, it: int, run_dir: Path) -> None:
     """state.pt (everything to resume) then ckpt.safetensors (what sample.py needs), each written to a
     temporary file and renamed: a kill at any moment leaves the previous checkpoint whole."""
