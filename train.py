@@ -98,13 +98,19 @@ def configure(argv: list[str]) -> dict:
                        ("dtype", ("float32", "bfloat16", "float16"))]:
         if chosen.get(k, defaults[k]) not in allowed:
             configurator.fail(f"--{k} {chosen[k]}: expected one of {', '.join(allowed)}")
-    if chosen.get("dataset", dataset) == "toy":  # the miniature world's preset, under what the user chose
+    name = chosen.get("dataset", dataset)
+    # the miniature world's preset, under what the user chose: for its world, and for files on disk (jsonl) that
+    # train the toy backbones
+    if name == "toy" or (name == "jsonl" and not {"lm", "encoder", "eval_only"} & set(chosen)):
         preset = toy.train_preset(chosen.get("modality", modality), chosen.get("task", task))
         if chosen.get("fsdp"):  # a second adapter around the same sharded backbones is not something FSDP allows
             preset["blind_control"] = False
         chosen = {**preset, **chosen}
-    elif "task" not in chosen:
-        chosen["task"] = benchmarks.DATASETS[chosen["dataset"]].task
+    if name != "toy" and "task" not in chosen:
+        try:
+            chosen["task"] = benchmarks.dataset_task(name, chosen.get("data_dir", data_dir))
+        except (OSError, ValueError) as e:
+            configurator.fail(str(e))
     if chosen.get("fsdp") and chosen.get("blind_control"):
         configurator.fail("--blind_control needs a second adapter around the same backbones, which FSDP cannot shard "
                           "twice: run the control without --fsdp")
@@ -169,8 +175,11 @@ def load_examples(train_split: bool = True):
     if dataset == "toy":
         return (data.toy_examples(modality, task, "train", toy_train_samples, seed) if train_split else [],
                 data.toy_examples(modality, task, "heldout", toy_eval_samples, seed + 1))
-    return (benchmarks.read_dataset(dataset, data_dir, "train") if train_split else [],
-            benchmarks.read_dataset(dataset, data_dir, eval_split))
+    try:
+        return (benchmarks.read_dataset(dataset, data_dir, "train", modality) if train_split else [],
+                benchmarks.read_dataset(dataset, data_dir, eval_split, modality))
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 @functools.lru_cache(maxsize=2)
