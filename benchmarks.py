@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from data import Example, vqa_prompt
-from media import AUDIO_SUFFIXES, VIDEO_SUFFIXES, one_line
+from PIL import Image
+
+from data import Example, check_failures, vqa_prompt
+from media import (AUDIO_SUFFIXES, PIL_ANIMATION_SUFFIXES, VIDEO_SUFFIXES, MediaError, load_audio, load_image,
+                   load_video, one_line)
 
 # name       task     files under the root folder (where they come from)
 # coco       caption  dataset_coco.json, Karpathy's split (cs.stanford.edu/people/karpathy/deepimagesent), and the
@@ -33,6 +36,9 @@ from media import AUDIO_SUFFIXES, VIDEO_SUFFIXES, one_line
 #                     and videos/video7.mp4
 # msvd_qa    vqa      {split}_qa.json [{question, answer, video_id: 1}] (same source) and videos/ with the clip named
 #                     by youtube_mapping.txt ("-4wsuPCjDBc_5_15 vid1" per line) if present, else vid1
+# jsonl      from the  {split}.jsonl, one JSON object per line: {"media", "caption" or "captions"} or {"media",
+#            fields    "question", "answer" and/or "answers"}, optional "id"; media paths relative to the file or
+#                      absolute, their modality is train.py's --modality
 # Captions: a training split gives one Example per caption, an evaluation split one per media with every caption as
 # references. VQA: one Example per question in every split. Media files may have any extension where a folder
 # listing finds them (audio, video); images are named by the annotations.
@@ -202,10 +208,141 @@ def read_msvd_qa(root: Path, split: str) -> list[Example]:
     return read_video_qa(root, "msvd_qa", split)
 
 
+# ---- your own data: JSON Lines ----
+
+def jsonl_records(path: Path):
+    """(line number, JSON object) of each non-blank line. Lines are split at b"\n" only: a JSON string may hold
+    U+2028 and other characters that str.splitlines would split at."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM some editors write
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not UTF-8 text ({one_line(e)})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not JSON ({one_line(e)})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {n}: expected a JSON object {{...}}, got {type(record).__name__}")
+            yield n, record
+
+
+def text_field(path: Path, n: int, record: dict, key: str, many: bool = False):
+    """record[key]: a non-empty string, or with many a non-empty list of them; None when absent."""
+    if key not in record:
+        return None
+    value = record[key]
+    texts = value if many and isinstance(value, list) else [value]
+    if (many and not isinstance(value, list)) or not value or not all(isinstance(t, str) and t.strip() for t in texts):
+        kind = "a non-empty list of non-empty strings" if many else "a non-empty string"
+        raise ValueError(f"{path}: line {n}: field {key!r} must be {kind}, got {json.dumps(value)[:80]}")
+    return value
+
+
+def record_task(path: Path, n: int, record: dict) -> str:
+    has_caption, has_question = bool({"caption", "captions"} & set(record)), "question" in record
+    if has_caption == has_question:
+        fields = ", ".join(map(repr, record)) or "none"
+        raise ValueError(f"{path}: line {n}: expected \"caption\"/\"captions\" (captioning) or \"question\" with "
+                         f"\"answer\"/\"answers\" (VQA), not both or neither (fields: {fields})")
+    return "caption" if has_caption else "vqa"
+
+
+def record_texts(path: Path, n: int, record: dict, task: str) -> tuple[str | None, str, list[str]]:
+    """(question or None, target, references): a caption line's target is its first caption; a question's is
+    its "answer", else the most frequent of its "answers" (as VQAv2's majority answer)."""
+    if task == "caption":
+        one, many = text_field(path, n, record, "caption"), text_field(path, n, record, "captions", many=True)
+        if one is not None and many is not None:
+            raise ValueError(f"{path}: line {n}: give 'caption' or 'captions', not both")
+        captions = [c.strip() for c in many or [one]]
+        return None, captions[0], captions
+    question = text_field(path, n, record, "question")
+    answer, answers = text_field(path, n, record, "answer"), text_field(path, n, record, "answers", many=True)
+    if answer is None and answers is None:
+        raise ValueError(f"{path}: line {n}: a question needs 'answer' or 'answers'")
+    return question, answer if answer is not None else max(answers, key=answers.count), answers or [answer]
+
+
+def jsonl_task(root) -> str:
+    """The task of a jsonl data set: the fields of the first line of its train.jsonl."""
+    path = annotation_file(Path(root), "jsonl", "train.jsonl")
+    for n, record in jsonl_records(path):
+        return record_task(path, n, record)
+    raise ValueError(f"{path}: no examples (the file is empty or blank)")
+
+
+MEDIA_SUFFIXES = {"audio": AUDIO_SUFFIXES + VIDEO_SUFFIXES, "video": VIDEO_SUFFIXES + PIL_ANIMATION_SUFFIXES}
+LOADERS = {"image": load_image, "audio": load_audio, "video": load_video}
+
+
+def check_media(path: Path, n: int, file: Path, modality: str) -> None:
+    """A media file that exists must be a readable file (or, for video, a folder of frames) of the modality. A
+    suffix the modality's reader does not list is decoded once, so the error is the one sample.py gives."""
+    if modality == "video" and file.is_dir():
+        return
+    if not file.is_file() or not os.access(file, os.R_OK):
+        what = "a folder (a folder of frames is read as a video only)" if file.is_dir() else "not a readable file"
+        raise ValueError(f"{path}: line {n}: media {file} is {what}")
+    suffixes = MEDIA_SUFFIXES.get(modality) or tuple(Image.registered_extensions())
+    if file.suffix.lower() in suffixes:
+        return
+    try:
+        LOADERS[modality](file)
+    except MediaError as e:
+        raise ValueError(f"{path}: line {n}: {e}") from None
+
+
+def read_jsonl(root: Path, split: str, modality: str) -> list[Example]:
+    """{split}.jsonl (the README's "Your own data"). The task follows from the fields, one task in every line
+    and in train.jsonl; lines whose media file does not exist are skipped, counted once (the 1% rule)."""
+    path = annotation_file(root, "jsonl", f"{split}.jsonl")
+    train_task = jsonl_task(root) if split != "train" and (root / "train.jsonl").is_file() else None
+    first, lines, ids, missing, groups, questions = None, 0, {}, [], [], []
+    for n, record in jsonl_records(path):
+        lines += 1
+        task = record_task(path, n, record)
+        first = first or (n, task)
+        other = (f"line {first[0]}" if task != first[1] else
+                 root / "train.jsonl" if train_task and task != train_task else None)
+        if other:
+            raise ValueError(f"{path}: line {n}: a {'caption' if task == 'caption' else 'question'}, but {other} "
+                             f"has {'questions' if task == 'caption' else 'captions'}: a data set holds one task")
+        id = record.get("id", n)
+        if not isinstance(id, (str, int)) or isinstance(id, bool):
+            raise ValueError(f"{path}: line {n}: field 'id' must be a string or an integer, got {json.dumps(id)[:80]}")
+        if str(id) in ids:
+            raise ValueError(f"{path}: line {n}: id {str(id)!r} is already the id of line {ids[str(id)]}")
+        ids[str(id)] = n
+        name = text_field(path, n, record, "media")
+        if name is None:
+            raise ValueError(f"{path}: line {n}: no field 'media' (the path of the media file)")
+        question, target, references = record_texts(path, n, record, task)
+        file = path.parent / name  # an absolute name stays itself
+        if not file.exists():
+            missing.append((n, name))
+            continue
+        check_media(path, n, file, modality)
+        if task == "caption":
+            groups.append((id, file, references, {"line": n}))
+        else:
+            questions.append(qa_example(id, file, question, target, references, {"line": n}))
+    if not lines:
+        raise ValueError(f"{path}: no examples (the file is empty or blank)")
+    if missing:
+        warnings.warn(f"{path}: skipped {len(missing)} of {lines} lines whose media file does not exist, the "
+                      f"first on line {missing[0][0]}: {missing[0][1]}")
+        check_failures(len(missing), lines, f"media files named in {path}")
+    return caption_examples(groups, split) if first[1] == "caption" else questions
+
+
 @dataclass(frozen=True)
 class Benchmark:
-    task: str                   # "caption" or "vqa"
-    modality: str               # "image", "audio" or "video"
+    task: str | None            # "caption" or "vqa"; None: the fields of the files say (jsonl_task)
+    modality: str | None        # "image", "audio" or "video"; None: train.py's --modality says
     splits: tuple[str, ...]
     layout: str                 # what the root folder holds, said in the errors when something is missing
     read: Callable[[Path, str], list[Example]]
@@ -225,12 +362,19 @@ DATASETS = {
     "msrvtt_qa": Benchmark("vqa", "video", ("train", "val", "test"), "{split}_qa.json + videos/", read_msrvtt_qa),
     "msvd_qa": Benchmark("vqa", "video", ("train", "val", "test"),
                          "{split}_qa.json + videos/ (+ youtube_mapping.txt)", read_msvd_qa),
+    "jsonl": Benchmark(None, None, ("train", "val", "test"), "train.jsonl + val.jsonl and/or test.jsonl, one "
+                       '{"media", "caption(s)" | "question", "answer(s)"} object per line', read_jsonl),
 }
 
 
-def read_dataset(name: str, root, split: str) -> list[Example]:
+def dataset_task(name: str, root) -> str:
+    """caption or vqa: fixed per benchmark; for jsonl, what the first line of root/train.jsonl holds."""
+    return DATASETS[name].task or jsonl_task(root)
+
+
+def read_dataset(name: str, root, split: str, modality: str | None = None) -> list[Example]:
     """The examples of one split of one of the paper's data sets, read from its standard layout under root (the
-    table at the top)."""
+    table at the top), or of the user's own (jsonl, whose media files are checked against modality)."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}: expected one of {', '.join(DATASETS)}")
     benchmark = DATASETS[name]
@@ -240,7 +384,8 @@ def read_dataset(name: str, root, split: str) -> list[Example]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: {name} root folder does not exist (expected in it: {benchmark.layout})")
     try:
-        examples = benchmark.read(root, split)
+        # jsonl is the one layout that does not imply its modality
+        examples = benchmark.read(root, split, modality) if name == "jsonl" else benchmark.read(root, split)
     except (KeyError, TypeError) as e:  # a record without a field, or a field of the wrong kind
         raise ValueError(f"{root}: malformed {name} annotations ({type(e).__name__}: {one_line(e)})") from None
     if not examples:

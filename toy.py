@@ -260,7 +260,7 @@ def attribute_accuracy(modality: str, pairs: list[tuple[dict, str]]) -> dict[str
     return out
 
 
-def train_preset(modality: str, task=None) -> dict:  # task: ignored, still passed by train.py
+def train_preset(modality: str) -> dict:
     """train.py's settings for the miniature world: the [CLS] of the toy encoders' last 2 blocks into layers 1
     and 2 of the 4-layer LM, one connector per level (the last layer reads what layer 2 received; injecting
     the 3 levels into layers 1-3 left image shape at 86% held-out, layers 1-2 gave 96%), on cached features
@@ -274,7 +274,68 @@ def train_preset(modality: str, task=None) -> dict:  # task: ignored, still pass
             "toy_eval_samples": 300, "blind_control": True}
 
 
+# ---- the miniature world as ordinary files: a worked example of `train.py --dataset jsonl` ----
+
+def export(folder, modality: str, task: str = "caption", train_samples: int = 4000, heldout_samples: int = 300,
+           seed: int = 1337) -> None:
+    """Write the world's training and held-out media as files (PNG 32x32; WAV 16 kHz mono 16-bit; video as a
+    folder of frame PNGs, read without PyAV) and their folder/train.jsonl and folder/val.jsonl: the items of
+    train.py's toy run (seeds seed and seed + 1, one question per media as data.toy_examples picks it)."""
+    import json
+    import wave
+    _check_modality(modality)
+    folder = Path(folder)
+    for split, jsonl, n, split_seed in (("train", "train", train_samples, seed),
+                                        ("heldout", "val", heldout_samples, seed + 1)):
+        (folder / jsonl).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, s in enumerate(samples(modality, split, n, split_seed)):
+            name = f"{jsonl}/{i:04d}" + {"image": ".png", "audio": ".wav", "video": ""}[modality]
+            if modality == "image":
+                s["media"].save(folder / name)
+            elif modality == "audio":
+                pcm = np.clip(np.round(np.asarray(s["media"]) * 32768), -32768, 32767).astype("<i2")
+                with wave.open(str(folder / name), "wb") as w:
+                    w.setnchannels(1)
+                    w.setsampwidth(2)
+                    w.setframerate(SAMPLE_RATE)
+                    w.writeframes(pcm.tobytes())
+            else:
+                (folder / name).mkdir(exist_ok=True)
+                for k, frame in enumerate(s["media"]):
+                    frame.save(folder / name / f"{k:03d}.png")
+            record = {"id": f"{split}-{i}", "media": name}
+            if task == "caption":
+                record["caption"] = s["caption"]
+            else:
+                record["question"], record["answer"] = s["qa"][i % len(s["qa"])]
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        (folder / f"{jsonl}.jsonl").write_text("".join(lines), encoding="utf-8")
+
+
+def export_main(argv: list[str]) -> None:
+    """python toy.py --export DIR --modality audio [--task vqa] [--train_samples N] [--heldout_samples N]"""
+    import configurator
+    preset = train_preset("image")
+    defaults = {"export": "", "modality": "image", "task": "caption", "train_samples": preset["toy_train_samples"],
+                "heldout_samples": preset["toy_eval_samples"], "seed": 1337}  # train.py's seed
+    args = {**defaults, **configurator.overrides(argv, defaults, export_main.__doc__)}
+    if not args["export"]:
+        configurator.fail("--export DIR: the folder to write the files to (python toy.py alone rebuilds toy/)")
+    if args["modality"] not in MODALITIES or args["task"] not in ("caption", "vqa"):
+        configurator.fail(f"--modality {args['modality']} --task {args['task']}: expected image, audio or video, "
+                          "and caption or vqa")
+    export(args["export"], args["modality"], args["task"], args["train_samples"], args["heldout_samples"],
+           args["seed"])
+    print(f"wrote {args['export']}/train.jsonl and val.jsonl; train on them with: python train.py --dataset jsonl "
+          f"--data_dir {args['export']} --modality {args['modality']}")
+
+
 if __name__ == "__main__":  # the command the README documents; the builder is toy_pretrain.py
-    import toy_pretrain
+    import sys
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    toy_pretrain.build()
+    if sys.argv[1:]:  # python toy.py --export DIR ...: the world as files
+        export_main(sys.argv[1:])
+    else:
+        import toy_pretrain
+        toy_pretrain.build()

@@ -146,8 +146,8 @@ def load_examples(train_split: bool = True):
     if dataset == "toy":
         return (data.toy_examples(modality, task, "train", toy_train_samples, seed) if train_split else [],
                 data.toy_examples(modality, task, "heldout", toy_eval_samples, seed + 1))
-    return (benchmarks.read_dataset(dataset, data_dir, "train") if train_split else [],
-            benchmarks.read_dataset(dataset, data_dir, eval_split))
+    return (benchmarks.read_dataset(dataset, data_dir, "train", modality) if train_split else [],
+            benchmarks.read_dataset(dataset, data_dir, eval_split, modality))  # errors: one line (configurator.run)
 
 
 @functools.lru_cache(maxsize=2)

@@ -39,20 +39,29 @@ def resolve(argv: list[str], defaults: dict, types: dict, doc: str) -> dict:
             configurator.fail(f"--{k} {chosen[k]}: expected one of {', '.join(allowed)}")
     notes = []  # said once the settings are known to be good
     name = chosen.get("dataset", defaults["dataset"])
-    if name == "toy":  # the miniature world's preset, under what the user chose
-        preset = toy.train_preset(chosen.get("modality", defaults["modality"]), chosen.get("task", defaults["task"]))
+    if name != "toy":  # a data set knows its modality and task (jsonl: --modality, and the fields of its files)
+        benchmark = benchmarks.DATASETS[name]
+        fixed = {"modality": benchmark.modality, "task": benchmark.task}
+        if name == "jsonl" and Path(chosen.get("data_dir", "")).is_dir():
+            try:
+                fixed["task"] = benchmarks.dataset_task(name, chosen["data_dir"])
+            except (OSError, ValueError) as e:
+                configurator.fail(str(e))
+        for k, v in fixed.items():
+            if v is not None and chosen.get(k, v) != v:
+                configurator.fail(f"--{k} {chosen[k]} contradicts --dataset {name} ({k}: {v})")
+            chosen[k] = chosen.get(k, defaults[k]) if v is None else v
+    # the miniature world's preset, under what the user chose: for its world, and for files on disk (jsonl, e.g.
+    # `python toy.py --export`) trained on the toy backbones
+    if name == "toy" or (name == "jsonl" and not {"lm", "encoder", "eval_only"} & set(chosen)):
+        preset = toy.train_preset(chosen.get("modality", defaults["modality"]))
         if chosen.get("fsdp"):  # a second adapter around the same sharded backbones is not something FSDP allows
             preset["blind_control"] = False
         chosen = {**preset, **chosen}
-    else:  # a real data set knows its modality and task, and gets the paper's backbones unless told otherwise
-        benchmark = benchmarks.DATASETS[name]
-        for k in ("modality", "task"):
-            if chosen.get(k, getattr(benchmark, k)) != getattr(benchmark, k):
-                configurator.fail(f"--{k} {chosen[k]} contradicts --dataset {name} ({k}: {getattr(benchmark, k)})")
-            chosen[k] = getattr(benchmark, k)
-        paper = {"lm": PAPER_BACKBONES["lm"], "encoder": PAPER_BACKBONES[benchmark.modality]}
+    elif not chosen.get("eval_only"):  # the paper's backbones unless told otherwise (--eval_only: the checkpoint's)
+        paper = {"lm": PAPER_BACKBONES["lm"], "encoder": PAPER_BACKBONES[chosen["modality"]]}
         unset = [k for k in paper if not chosen.get(k)]
-        if unset and not chosen.get("eval_only"):  # --eval_only: the checkpoint names its backbones
+        if unset:
             chosen.update({k: paper[k] for k in unset})
             notes.append(f"{name}: the paper's backbones by default: " +
                          ", ".join(f"--{k} {paper[k]}" for k in unset))

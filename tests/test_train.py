@@ -35,7 +35,7 @@ def test_short_run_writes_checkpoint_log_curves_and_scores(tiny_backbones, tmp_p
     assert config["modality"] == "image" and config["iter"] == 4
     # how it was evaluated, for sample.py and --eval_only: the toy preset's greedy decoding, the flags above
     assert [config[k] for k in ("num_beams", "max_new_tokens", "seed", "toy_eval_samples")] == [1, 4, 1337, 8]
-    levels = toy.train_preset("image", "caption")["num_levels"]  # the toy preset: one connector per level
+    levels = toy.train_preset("image")["num_levels"]  # the toy preset: one connector per level
     assert set(state) == {"prompt"} | {f"connector.{k}.{w}" for k in range(levels) for w in ("weight", "bias")}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in log if "val_loss" in r] == [2, 4]
