@@ -50,3 +50,8 @@ def coco_layout(root, n_train: int = 5, n_val: int = 3):
                        "train", "sentences": [{"raw": f"a photo number {i}"}, {"raw": "a picture"}]})
     (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
     return root
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains, launches torchrun or runs real shapes (seconds to minutes); "
+                                       "`-m \"not slow\"` is the inner loop")
