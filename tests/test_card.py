@@ -51,6 +51,7 @@ def sample(script_dir, checkpoint, cwd, **env):
     return p
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_model_card(toy_run):
     out, args = toy_run
     results = json.loads((out / "results.json").read_text())
@@ -115,6 +116,7 @@ def test_a_first_card_has_no_scores(toy_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
 
 
+@pytest.mark.slow
 def test_eval_only_scores_a_run_served_as_a_hub_repository(toy_run, tmp_path):
     out, _ = toy_run
     repo = tmp_path / "repos" / "me" / "toy-image"
@@ -137,6 +139,7 @@ def test_eval_only_scores_a_run_served_as_a_hub_repository(toy_run, tmp_path):
     assert list((tmp_path / "hf" / "hub").glob("models--me--toy-image/snapshots/*/ckpt.safetensors"))
 
 
+@pytest.mark.slow
 def test_a_run_folder_samples_in_another_clone(toy_run, tmp_path):
     """The run folder and a copy of the project (its .py files and toy/) both moved elsewhere: the checkpoint names
     its backbones toy/lm and toy/vit, found in the clone that samples; older checkpoints, which named them by

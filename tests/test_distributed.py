@@ -1,5 +1,6 @@
 """train.py under torchrun on CPU (gloo, two processes): evaluation and feature caching share the work and give
 what one process gives; --fsdp trains like DDP with about half the frozen weights on each process."""
+import pytest
 import json
 import os
 import re
@@ -30,6 +31,7 @@ def lines(path):
     return path.read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_evaluation_is_shared_and_equals_one_process(tiny_backbones, tmp_path):
     """10 items in batches of 4: rank 0 generates batches 0 and 2, rank 1 batch 1; rank 0 gathers and writes."""
     run(tiny_backbones, tmp_path / "one", "--max_iters=2", "--eval_interval=2", "--cache_features=False")
@@ -45,6 +47,7 @@ def test_evaluation_is_shared_and_equals_one_process(tiny_backbones, tmp_path):
         assert re.search(r"items scored\s+10\b", p.stdout), p.stdout
 
 
+@pytest.mark.slow
 def test_fsdp_trains_like_ddp_with_half_the_frozen_weights_per_process(tiny_backbones, tmp_path):
     flags = ["--max_iters=3", "--eval_interval=3", "--cache_features=False", "--lr=1e-2", "--prompt_lr=1e-2",
              "--warmup_iters=1"]
@@ -71,6 +74,7 @@ def test_fsdp_trains_like_ddp_with_half_the_frozen_weights_per_process(tiny_back
     assert p.returncode == 0 and p.stdout.startswith(f"{TESTDATA / 'images' / 'hopper.jpg'}: "), p.stderr
 
 
+@pytest.mark.slow
 def test_feature_cache_is_shared_and_equals_one_process(tiny_backbones, tmp_path):
     """Each process encodes its batches; the file of each split is written once, byte for byte the one a single
     process writes (same batches, so bit-identical features)."""
@@ -95,6 +99,7 @@ def test_each_process_takes_every_world_th_batch(monkeypatch):
         assert distributed.my_batches(5, fsdp) == want
 
 
+@pytest.mark.slow
 def test_fsdp_evaluation_survives_a_batch_with_nothing_decodable(tiny_backbones, tmp_path):
     """Under FSDP every process takes part in every forward: the process whose batch holds only a broken image
     runs on another batch (results dropped) instead of leaving the other waiting."""

@@ -88,6 +88,7 @@ def test_bad_value_is_one_line(places, tmp_path, script, args, words):
     assert words.format(**places) in lines[-1], lines[-1]
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     for args, debug in [(["--lm", "/etc"], "1"), (["--lm", "/etc", "--debug"], None)]:
         p = run("train.py", args, tmp_path, debug)

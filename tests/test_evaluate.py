@@ -1,4 +1,5 @@
 """evaluate.py: held-out evaluation through the training data path, and its failure rule."""
+import pytest
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 from conftest import ROOT, coco_layout
 
 
+@pytest.mark.slow
 def test_evaluation_stops_when_more_than_one_percent_fails_to_decode(tiny_backbones, tmp_path):
     """The rule training has (more than 1% undecodable, counted over at least 100 items, stops the run) holds
     for evaluation too: 2 of 3 held-out photos broken is a wrong data set, not bad luck."""

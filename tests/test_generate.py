@@ -210,6 +210,7 @@ def test_all_done_decides_when_to_stop_and_layers_run_through_call(tmp_path):
     assert first == m.generate(img, ids, mask, max_new_tokens=1, eos_token_id=-1)
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     # greedy on 6 rows and 3 beams on 2 samples: the same step shapes, so one compile serves both
     m, _ = eos_prone(tmp_path, seed=2, boost=1.0)

@@ -187,6 +187,7 @@ def assert_matches_reference(state, model):
         assert torch.equal(v, ref[k]), k
 
 
+@pytest.mark.slow
 def test_fresh_download_lands_in_the_hf_cache(fake_hub, reference, tmp_path):
     model, root = reference
     got = resolve_as_a_user(REPO, EXTRAS, HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf"))
@@ -215,6 +216,7 @@ def test_sharded_download_and_load(fake_hub, reference, tmp_path):
     assert_matches_reference(hub.load_state_dict(folder), model)
 
 
+@pytest.mark.slow
 def test_second_resolve_asks_only_what_may_have_changed(fake_hub, filled_cache, tmp_path):
     home = copy_of(filled_cache, tmp_path)
     got = resolve_as_a_user(REPO, EXTRAS, HF_ENDPOINT=fake_hub.url, HF_HOME=str(home))
@@ -224,6 +226,7 @@ def test_second_resolve_asks_only_what_may_have_changed(fake_hub, filled_cache, 
                                               for f in ("config.json", "model.safetensors", "vocab.json")]
 
 
+@pytest.mark.slow
 def test_offline_with_a_filled_cache_makes_no_request(fake_hub, filled_cache, reference, tmp_path):
     home = copy_of(filled_cache, tmp_path)
     got = resolve_as_a_user(REPO, EXTRAS, HF_ENDPOINT=fake_hub.url, HF_HOME=str(home), HF_HUB_OFFLINE="1")
@@ -232,6 +235,7 @@ def test_offline_with_a_filled_cache_makes_no_request(fake_hub, filled_cache, re
     assert_matches_reference(hub.load_state_dict(got["folder"]), reference[0])
 
 
+@pytest.mark.slow
 def test_offline_uses_the_first_layout_the_cache_has(fake_hub, reference, tmp_path):
     """A cache filled by someone else, with pytorch_model.bin only and no record of what the hub lacks."""
     repo_dir = tmp_path / "hub" / "models--tiny-org--tiny-opt"
@@ -265,6 +269,7 @@ def test_offline_with_an_empty_cache_says_what_to_do(fake_hub, tmp_path):
     assert fake_hub.requests == []
 
 
+@pytest.mark.slow
 def test_an_endpoint_that_is_not_a_hub(fake_hub, tmp_path):
     fake_hub.not_a_hub = True
     got = resolve_as_a_user(REPO, HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf"))
@@ -274,6 +279,7 @@ def test_an_endpoint_that_is_not_a_hub(fake_hub, tmp_path):
                                    "with network")
 
 
+@pytest.mark.slow
 def test_missing_repository_mentions_hf_token(fake_hub, tmp_path):
     got = resolve_as_a_user("tiny-org/nothing", HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf"))
     assert got == {"error": "FileNotFoundError", "message": "tiny-org/nothing: no such folder, nor a repository on "
@@ -285,6 +291,7 @@ def test_a_repo_without_config(fake_hub, tmp_path):
     assert got == {"error": "FileNotFoundError", "message": "tiny-org/no-config/config.json: not on the hub"}
 
 
+@pytest.mark.slow
 def test_dropped_connection_leaves_no_corrupt_file(fake_hub, reference, tmp_path):
     fake_hub.drop_after = 1000
     env = dict(HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf"))
@@ -529,6 +536,7 @@ def adapter_hub(tmp_path):
     fake.close()
 
 
+@pytest.mark.slow
 def test_adapter_from_the_hub_lands_in_the_cache_then_works_offline(adapter_hub, tmp_path):
     fake, root = adapter_hub
     got = adapter_as_a_user("me/adapter", HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf"))
@@ -544,6 +552,7 @@ def test_adapter_from_the_hub_lands_in_the_cache_then_works_offline(adapter_hub,
     assert again == got and fake.requests == []
 
 
+@pytest.mark.slow
 def test_adapter_errors_from_the_hub_are_one_line(adapter_hub, tmp_path):
     fake, _ = adapter_hub
     env = dict(HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf"))

@@ -57,6 +57,7 @@ def test_injection_window_scales_and_checks():
         injection_window(4, 6)
 
 
+@pytest.mark.slow
 def test_no_future_leak_with_media_prompt_and_left_padding(tmp_path):
     m = tiny_epalm(tmp_path)
     torch.manual_seed(0)
@@ -101,6 +102,7 @@ def reference_forward(m, feats, ids):
     return lm.logits(h[None, -len(ids):])[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", [True, False])
 def test_injection_matches_the_method_written_out(tmp_path, shared):
     m = tiny_epalm(tmp_path, num_levels=2, shared=shared, layers=6)
@@ -179,6 +181,7 @@ def hf_new_tokens(ref, ids, mask, **kw):
     return [r[:r.index(2)] if 2 in r else r for r in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_greedy_and_beam_search_match_transformers(tmp_path, seed):
     lm, ref = tiny_lm(tmp_path, seed=seed, init_std=0.4)
@@ -192,6 +195,7 @@ def test_greedy_and_beam_search_match_transformers(tmp_path, seed):
     assert ours == theirs
 
 
+@pytest.mark.slow
 def test_cached_generation_equals_uncached_argmax(tmp_path):
     m = tiny_epalm(tmp_path, init_std=0.4)
     torch.manual_seed(0)
@@ -206,6 +210,7 @@ def test_cached_generation_equals_uncached_argmax(tmp_path):
         assert cached[b] == seq[0, -8:].tolist()
 
 
+@pytest.mark.slow
 def test_sampling_respects_top_k(tmp_path):
     m = tiny_epalm(tmp_path)
     ids = torch.tensor([[2, 5, 6]])

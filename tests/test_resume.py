@@ -26,6 +26,7 @@ def assert_same_adapter(a, b):
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["image", "audio"])
 def test_an_augmented_run_resumed_equals_the_uninterrupted_run(tiny_backbones, tmp_path, modality):
     """Random crops and flips (image) and SpecAugment (audio) are drawn per (seed, epoch, example): the resumed
@@ -46,6 +47,7 @@ def test_an_augmented_run_resumed_equals_the_uninterrupted_run(tiny_backbones, t
     assert not torch.equal(plain["prompt"], load_file(tmp_path / "straight" / "ckpt.safetensors")["prompt"])
 
 
+@pytest.mark.slow
 def test_resume_trains_a_blind_control_that_had_not_started(tiny_backbones, tmp_path):
     """The main run finished, the job stopped before its blind control: resuming scores the main run, trains the
     control from scratch and writes results.json with both."""
@@ -59,6 +61,7 @@ def test_resume_trains_a_blind_control_that_had_not_started(tiny_backbones, tmp_
     assert (out / "blind" / "ckpt.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_float16_scales_the_loss_trains_and_resumes_exactly(tiny_backbones, tmp_path):
     """fp16 autocast runs on the CPU too: the losses stay finite and fall, the scaler's state is in state.pt, and
     3 + 3 iterations equal 6."""
@@ -101,6 +104,7 @@ def test_float16_gradients_underflow_without_the_scaler(tiny_backbones):
     assert (scaled != 0).float().mean() > 0.9
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_after_the_current_step_and_resume_is_exact(tiny_backbones, tmp_path):
     """A scheduler's SIGTERM mid-run: the step finishes, the checkpoint is written, the exit status is 128 + 15;
     --init_from resume then ends where the uninterrupted run ends, bit for bit."""

@@ -34,6 +34,7 @@ def run_sample(*args):
                           text=True, timeout=120, cwd=ROOT, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["image", "audio", "video"])
 def test_one_line_per_input(tiny_backbones, tmp_path, modality):
     ckpt = make_checkpoint(tiny_backbones, modality, tmp_path / "ckpt.safetensors")
@@ -46,6 +47,7 @@ def test_one_line_per_input(tiny_backbones, tmp_path, modality):
     assert p.returncode == 0 and len(p.stdout.strip().splitlines()) == 1, p.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_bfloat16_weights(tiny_backbones, tmp_path):
     """--dtype bfloat16 (the default on CUDA) loads the frozen backbones in bf16 and generates under autocast."""
     ckpt = make_checkpoint(tiny_backbones, "image", tmp_path / "ckpt.safetensors")
@@ -57,6 +59,7 @@ def test_bfloat16_weights(tiny_backbones, tmp_path):
     assert p.returncode == 1 and "--dtype float8: expected float32, bfloat16 or float16" in p.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_one_line_error(tiny_backbones, tmp_path):
     ckpt = make_checkpoint(tiny_backbones, "image", tmp_path / "ckpt.safetensors")
     broken = tmp_path / "broken.jpg"
@@ -81,6 +84,7 @@ def test_default_checkpoint_missing_says_how_to_train(tmp_path):
     assert p.returncode == 1 and "python train.py --modality video" in p.stderr, p.stderr
 
 
+@pytest.mark.slow
 def test_a_text_file_given_as_audio_says_what_is_read(tiny_backbones, tmp_path):
     ckpt = make_checkpoint(tiny_backbones, "audio", tmp_path / "ckpt.safetensors")
     passwd = tmp_path / "passwd"
@@ -101,6 +105,7 @@ def run_sample_as_a_user(*args, **env):
                           text=True, timeout=120, cwd=ROOT, env={**clean, "OMP_NUM_THREADS": "1", **env})
 
 
+@pytest.mark.slow
 def test_an_adapter_on_the_hub_gives_the_local_folders_captions(tiny_backbones, tmp_path):
     from test_hub import FakeHub
     run = tmp_path / "runs" / "image-caption"
@@ -144,6 +149,7 @@ def test_a_folder_without_a_checkpoint_says_so(tmp_path):
     assert p.stderr.strip() == f"error: {tmp_path}: no ckpt.safetensors in this folder (not a training run's out_dir?)"
 
 
+@pytest.mark.slow
 def test_decoding_follows_the_checkpoint_unless_given(tiny_backbones, tmp_path):
     """sample.py decodes as train.py evaluated the checkpoint (its num_beams, max_new_tokens); a checkpoint from
     before they were recorded: greedy, 30 tokens; flags win."""
@@ -157,6 +163,7 @@ def test_decoding_follows_the_checkpoint_unless_given(tiny_backbones, tmp_path):
     assert out["old"].stdout == out["new greedy 30 tokens"].stdout != out["new"].stdout
 
 
+@pytest.mark.slow
 def test_a_vqa_checkpoint_asks_for_a_question(tiny_backbones, tmp_path):
     ckpt = make_checkpoint(tiny_backbones, "image", tmp_path / "ckpt.safetensors", task="vqa")
     p = run_sample("--image", FILES["image"][0], "--checkpoint", ckpt)

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["image", "audio", "video"])
 def test_short_run_beats_its_blind_control_on_heldout_combinations(tmp_path, modality):
     # the brief's own form, `--modality audio`, and the `--key=value` form side by side

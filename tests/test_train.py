@@ -1,4 +1,5 @@
 """train.py end to end on tiny random backbones: a short run, exact resume, NaN stop, atomic checkpoints."""
+import pytest
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ def run_train(tiny_backbones, out_dir, *flags, modality="image", check=True):
     return p
 
 
+@pytest.mark.slow
 def test_short_run_writes_checkpoint_log_curves_and_scores(tiny_backbones, tmp_path):
     out = tmp_path / "run"
     p = run_train(tiny_backbones, out, "--max_iters=4", "--eval_interval=2")
@@ -52,6 +54,7 @@ def test_short_run_writes_checkpoint_log_curves_and_scores(tiny_backbones, tmp_p
     assert len(preds) == 8 and all({"id", "prediction", "references"} <= set(r) for r in preds)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_backbones, tmp_path):
     common = ["--eval_interval=2", "--lr_decay_iters=6", "--warmup_iters=2", "--eval_samples=2"]
     run_train(tiny_backbones, tmp_path / "straight", "--max_iters=6", *common)
@@ -65,6 +68,7 @@ def test_resume_continues_exactly(tiny_backbones, tmp_path):
         torch.testing.assert_close(resumed[k], straight[k], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_backbones, tmp_path):
     out = tmp_path / "nan"
     p = run_train(tiny_backbones, out, "--max_iters=6", "--eval_interval=1", "--lr=1e30", "--prompt_lr=1e30",
@@ -75,6 +79,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
     assert config["iter"] >= 1 and all(torch.isfinite(v).all() for v in state.values())
 
 
+@pytest.mark.slow
 def test_bad_flags_are_one_line_errors(tiny_backbones, tmp_path):
     for flags, words in [(["--modality=smell"], "--modality smell: expected one of image, audio, video"),
                          (["--modality", "smell"], "--modality smell: expected one of"),
@@ -85,6 +90,7 @@ def test_bad_flags_are_one_line_errors(tiny_backbones, tmp_path):
         assert p.returncode != 0 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+@pytest.mark.slow
 def test_eval_only_takes_modality_task_and_data_set_from_the_checkpoint(tiny_backbones, tmp_path):
     out = tmp_path / "audio-run"
     run_train(tiny_backbones, out, "--max_iters=1", "--eval_interval=1", "--eval_samples=2", modality="audio")
@@ -145,6 +151,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_checkpoint_survives_a_kill_during_save(tmp_path):
     path = tmp_path / "ckpt.safetensors"
     for attempt in range(4):
@@ -157,6 +164,7 @@ def test_checkpoint_survives_a_kill_during_save(tmp_path):
         assert torch.all(state["prompt"] == config["iter"])  # a whole, consistent checkpoint
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tiny_backbones, tmp_path):
     """DDP with the gloo backend: both ranks train, rank 0 writes the checkpoint and the scores."""
     out = tmp_path / "ddp"
@@ -171,6 +179,7 @@ def test_torchrun_two_processes_on_cpu(tiny_backbones, tmp_path):
     assert config["iter"] == 2 and (out / "scores.json").exists()
 
 
+@pytest.mark.slow
 def test_a_real_data_set_layout_end_to_end_scores_the_whole_split(tiny_backbones, tmp_path):
     """COCO's Karpathy layout with real photos: train, then --eval_only with nothing but --out_dir scores every
     item of the split (no eval_samples cap) and says how many."""
