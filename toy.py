@@ -275,6 +275,7 @@ def train_preset(modality: str, task=None) -> dict:  # task: ignored, still pass
 
 
 if __name__ == "__main__":  # the command the README documents; the builder is toy_pretrain.py
+    import sys
+
     import toy_pretrain
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    toy_pretrain.build()
+    toy_pretrain.main(sys.argv[1:])  # e.g. `python toy.py llama`: that one only
