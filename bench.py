@@ -9,12 +9,14 @@ ratios mean anything.
   python bench.py                    # CPU, the full set (opt-125m and opt-350m, compile), < 15 minutes
   python bench.py --device cuda      # accelerator: OPT-2.7B + ViT-B and OPT-6.7B + ViT-L, bf16, compile, MFU
   python bench.py --generation       # only generation (with --device cuda: the accelerator's, batch 1/16/64)
+  python bench.py --llama            # only the Llama rows (SmolLM2-135M's shape): forward, +backward, generation
 
 Sections (JSON keys): matmul (this machine's own fp32 matmul FLOP/s), backbones (forward, LM forward+backward),
 train_step (plain / cached encoder features / prompt off / compile, with MFU), generate (greedy and 3 beams vs
-transformers' generate, at a real LM's shapes and on a small LM where per-step overhead shows), memory (peak of
-one training step with frozen weights in bf16 vs fp32), accelerator (training step; generation with 3 beams, and
-the projected time to caption COCO's 5,000 test images).
+transformers' generate, at a real LM's shapes and on a small LM where per-step overhead shows; the Llama family at
+SmolLM2-135M's shape in the full run, backbones too), memory (peak of one training step with frozen weights in bf16
+vs fp32), accelerator (training step; generation with 3 beams, and the projected time to caption COCO's 5,000 test
+images).
 
 References: karpathy/nanoGPT bench.py; PaLM (Chowdhery et al. 2022) appendix B for model FLOPs utilisation.
 """
@@ -35,29 +37,45 @@ import torch.nn.functional as F
 
 import hub
 from ast_audio import AST
+from llama import Llama
 from model import EPALM, EPALMConfig
 from opt import OPT, OPTConfig
 from timesformer import TimeSformer
 from vit import ViT, ViTConfig
 
-# per mode: which LMs, batch sizes, repeats (gen_lms: LM, batch, repeats for generation). quick and tiny keep every
-# section but shrink what is slow on 2 cores.
+# per mode: which LMs (OPT for every section, llama_lms for the backbone rows), batch sizes, repeats (gen_lms: LM,
+# batch, repeats for generation). quick and tiny keep every section but shrink what is slow on 2 cores; quick has
+# no Llama row (SmolLM2-135M's 30 layers would add a minute).
 MODES = {
-    "tiny": dict(lms=["tiny"], encoders=["tiny"], lm_batch=2, text=8, vit_batch=2, ast_batch=1, video_batch=1,
-                 step_batch=2, prompt=2, levels=2, repeats=1, gen_lms=[("tiny", 2, 1), ("small", 2, 1)],
+    "tiny": dict(lms=["tiny"], llama_lms=["llama-tiny"], encoders=["tiny"], lm_batch=2, text=8, vit_batch=2,
+                 ast_batch=1, video_batch=1, step_batch=2, prompt=2, levels=2, repeats=1,
+                 gen_lms=[("tiny", 2, 1), ("small", 2, 1), ("llama-tiny", 2, 1)],
                  gen_prompt=4, gen_new=4, compile=False, matmul_n=128),
-    "quick": dict(lms=["opt-125m"], encoders=["base"], lm_batch=8, text=32, vit_batch=2, ast_batch=1,
+    "quick": dict(lms=["opt-125m"], llama_lms=[], encoders=["base"], lm_batch=8, text=32, vit_batch=2, ast_batch=1,
                   video_batch=1, step_batch=4, prompt=10, levels=6, repeats=2, gen_prompt=8, gen_new=30,
                   gen_lms=[("opt-125m", 8, 2), ("small", 16, 15)], compile=False, matmul_n=1024),
-    "full": dict(lms=["opt-125m", "opt-350m"], encoders=["base"], lm_batch=8, text=32, vit_batch=8, ast_batch=2,
-                 video_batch=1, step_batch=8, prompt=10, levels=6, repeats=5, gen_prompt=8, gen_new=30,
-                 gen_lms=[("opt-125m", 8, 5), ("small", 16, 25)], compile=True, matmul_n=2048),
+    "full": dict(lms=["opt-125m", "opt-350m"], llama_lms=["smollm2-135m"], encoders=["base"], lm_batch=8, text=32,
+                 vit_batch=8, ast_batch=2, video_batch=1, step_batch=8, prompt=10, levels=6, repeats=5,
+                 gen_prompt=8, gen_new=30, gen_lms=[("opt-125m", 8, 5), ("small", 16, 25), ("smollm2-135m", 8, 5)],
+                 compile=True, matmul_n=2048),
 }
 TINY_OPT = dict(vocab_size=512, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
                 max_position_embeddings=128, word_embed_proj_dim=32)
 SMALL_OPT = dict(vocab_size=5000, hidden_size=128, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4,
                  max_position_embeddings=128, word_embed_proj_dim=128)  # generation where per-step overhead shows
 TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+LLAMA_SHAPES = {  # transformers.LlamaConfig fields; SmolLM2-135M's from its config.json (tied, GQA 9/3 heads)
+    "llama-tiny": dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=True),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+
+
+def lm_kind(name: str) -> str:
+    return "llama" if name in LLAMA_SHAPES else "opt"
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -102,6 +120,8 @@ def matmul_rate(n: int, dtype: torch.dtype, device: str, repeats: int = 5) -> fl
 def hf_config(kind: str, name: str):
     """transformers' config of an official shape ('tiny' for the test's toy size)."""
     import transformers
+    if kind == "llama":
+        return transformers.LlamaConfig(**LLAMA_SHAPES[name], bos_token_id=1, eos_token_id=2)
     if kind == "opt":
         shape = {"tiny": TINY_OPT, "small": SMALL_OPT}.get(name) or {
             k: v for k, v in vars(OPTConfig.from_name(name)).items() if k != "remove_final_layer_norm"}
@@ -129,6 +149,8 @@ def build_pair(kind: str, name: str, device: str = "cpu"):
     with torch.device(device):
         if kind == "opt":
             ref = transformers.OPTForCausalLM(cfg)
+        elif kind == "llama":
+            ref = transformers.LlamaForCausalLM(cfg)
         elif kind == "vit":
             ref = transformers.ViTModel(cfg, add_pooling_layer=False)
         elif kind == "ast":
@@ -139,7 +161,8 @@ def build_pair(kind: str, name: str, device: str = "cpu"):
     # through the hub layout: transformers renames modules in memory and writes the official keys on save
     with tempfile.TemporaryDirectory(prefix="bench-") as folder:
         ref.save_pretrained(folder)
-        ours = {"opt": OPT, "vit": ViT, "ast": AST, "timesformer": TimeSformer}[kind].from_pretrained(folder)
+        cls = {"opt": OPT, "llama": Llama, "vit": ViT, "ast": AST, "timesformer": TimeSformer}[kind]
+        ours = cls.from_pretrained(folder)
     return ours.eval(), ref
 
 
@@ -155,7 +178,7 @@ def media_input(kind: str, encoder, batch: int, device: str = "cpu", dtype=torch
 
 
 def ref_forward(kind: str, ref, x):
-    if kind == "opt":
+    if kind in ("opt", "llama"):
         return ref(input_ids=x).logits
     if kind == "ast":
         return ref(input_values=x).last_hidden_state
@@ -163,7 +186,7 @@ def ref_forward(kind: str, ref, x):
 
 
 def ours_forward(kind: str, ours, x):
-    return ours(x) if kind == "opt" else ours(x, last=1)[0]
+    return ours(x) if kind in ("opt", "llama") else ours(x, last=1)[0]
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
@@ -211,13 +234,14 @@ def bench_backbones(mode: dict, device: str, notes: list) -> dict:
     then ours compiled."""
     out = {}
     R = mode["repeats"]
-    jobs = [("opt", name, mode["lm_batch"]) for name in mode["lms"]]
+    jobs = [(lm_kind(name), name, mode["lm_batch"]) for name in mode["lms"] + mode["llama_lms"]]
     for enc in mode["encoders"]:
         jobs += [("vit", enc, mode["vit_batch"]), ("ast", enc, mode["ast_batch"]), ("timesformer", enc,
                                                                                     mode["video_batch"])]
     for kind, name, batch in jobs:
         ours, ref = build_pair(kind, name, device)
-        x = (torch.randint(4, ours.config.vocab_size, (batch, mode["text"]), device=device) if kind == "opt"
+        is_lm = kind in ("opt", "llama")
+        x = (torch.randint(4, ours.config.vocab_size, (batch, mode["text"]), device=device) if is_lm
              else media_input(kind, ours, batch, device))
         with torch.no_grad():
             diff = (ours_forward(kind, ours, x) - ref_forward(kind, ref, x)).abs().max().item()
@@ -234,7 +258,7 @@ def bench_backbones(mode: dict, device: str, notes: list) -> dict:
         if "ours_compiled" in t:
             row.update(ours_compiled_s=t["ours_compiled"], compile_speedup=t["transformers"] / t["ours_compiled"],
                        compile_time_s=compile_s)
-        if kind == "opt":  # forward + backward with every weight trainable, the usual LM training pass
+        if is_lm:  # forward + backward with every weight trainable, the usual LM training pass
             def fwd_bwd(m, logits_of):
                 m.zero_grad(set_to_none=True)
                 logits = logits_of(x)
@@ -243,7 +267,7 @@ def bench_backbones(mode: dict, device: str, notes: list) -> dict:
                 ref, lambda ids: ref(input_ids=ids).logits)}, R, device)
             row.update(train_ours_s=t["ours"], train_transformers_s=t["transformers"],
                        train_speedup=t["transformers"] / t["ours"])
-        out[name if name.startswith("opt-") else f"{kind}-{name}"] = row
+        out[name if name.startswith("opt-") or kind == "llama" else f"{kind}-{name}"] = row
         del ours, ref
     if not mode["compile"]:
         notes.append("backbones: torch.compile skipped in this mode (its first call takes ~45 s per model on 2 "
@@ -328,8 +352,8 @@ def bench_train_step(mode: dict, device: str, notes: list) -> dict:
     return out
 
 
-def lm_only(lm: OPT) -> EPALM:
-    """EPALM with no media and no soft prompt: plain OPT, to generate against transformers' generate."""
+def lm_only(lm) -> EPALM:
+    """EPALM with no media and no soft prompt: plain OPT or Llama, to generate against transformers' generate."""
     stub = torch.nn.Linear(1, 1)  # a stand-in encoder for the connector's width: no media in these runs
     stub.hidden_size = 1
     return EPALM(lm, stub, EPALMConfig(num_levels=1, prompt_length=0)).eval()
@@ -374,12 +398,12 @@ def compare_generation(model, ref, ids, mask, new: int, beams: int, repeats: int
 
 
 def bench_generate(mode: dict, device: str, notes: list) -> dict:
-    """Greedy and 3-beam generation of gen_new tokens, ours vs transformers' generate on the same OPT weights (no
-    media, no soft prompt, no EOS so both do exactly gen_new steps), at (a) a real LM's shapes and (b) a small LM
-    (2 layers, width 128, vocab 5,000, batch 16), where the step is small and per-step overhead shows."""
+    """Greedy and 3-beam generation of gen_new tokens, ours vs transformers' generate on the same OPT or Llama
+    weights (no media, no soft prompt, no EOS so both do exactly gen_new steps), at (a) a real LM's shapes and (b)
+    a small LM (2 layers, width 128, vocab 5,000, batch 16), where the step is small and per-step overhead shows."""
     out = {}
     for name, batch, repeats in mode["gen_lms"]:  # small steps are noisy: more repeats
-        lm, ref = build_pair("opt", name, device)
+        lm, ref = build_pair(lm_kind(name), name, device)
         model = lm_only(lm)
         torch.manual_seed(1)
         ids = torch.randint(4, lm.config.vocab_size, (batch, mode["gen_prompt"]), device=device)
@@ -731,6 +755,8 @@ def main() -> None:
     parser.add_argument("--opt-1.3b", dest="opt13", action="store_true", help="full mode: add opt-1.3b")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the accelerator sections")
     parser.add_argument("--generation", action="store_true", help="only the generation section(s)")
+    parser.add_argument("--llama", action="store_true",
+                        help="only the Llama rows of the backbone and generation sections (SmolLM2-135M's shape)")
     parser.add_argument("--distributed", action="store_true",
                         help="only train.py under torchrun on 2 CPU processes: DDP vs FSDP, evaluation 1 vs 2")
     parser.add_argument("--out", default="bench.json", help="where the JSON results go")
@@ -759,6 +785,10 @@ def main() -> None:
         if not args.generation:
             results["accelerator"] = bench_accelerator(mode["repeats"], notes)
         results["accelerator_generate"] = bench_accelerator_generate(mode["repeats"], notes)
+    elif args.llama:
+        results["backbones"] = bench_backbones(dict(mode, lms=[], encoders=[]), "cpu", notes)
+        results["generate"] = bench_generate(
+            dict(mode, gen_lms=[g for g in mode["gen_lms"] if lm_kind(g[0]) == "llama"]), "cpu", notes)
     elif args.generation:
         results["generate"] = bench_generate(mode, "cpu", notes)
     else:

@@ -334,8 +334,8 @@ def export_main(argv: list[str]) -> None:
 if __name__ == "__main__":  # the command the README documents; the builder is toy_pretrain.py
     import sys
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    if sys.argv[1:]:  # python toy.py --export DIR ...: the world as files
+    if any(a.startswith("--export") for a in sys.argv[1:]):  # python toy.py --export DIR ...: the world as files
         export_main(sys.argv[1:])
     else:
         import toy_pretrain
-        toy_pretrain.build()
+        toy_pretrain.main(sys.argv[1:])  # all the backbones, or e.g. `python toy.py llama`: that one only

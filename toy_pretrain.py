@@ -1,9 +1,10 @@
 """Pretraining the toy backbones of the miniature world (toy.py), each on one modality like the real ones, and
 saving them in the official hub layout under toy/, where they load through the same `from_pretrained`.
 
-A 4-layer OPT on the world's text only (with its own byte-level BPE), and a ViT, an AST and a TimeSformer trained
-on media only to classify attributes (the ImageNet / AudioSet / Kinetics analogue). `python toy_pretrain.py`
-(or `python toy.py`) regenerates them all (seeded).
+A 4-layer OPT on the world's text only (with its own byte-level BPE), a 4-layer Llama (rotary, SwiGLU, GQA, tied
+like SmolLM2) on the same text with the same tokenizer and seeds, and a ViT, an AST and a TimeSformer trained on
+media only to classify attributes (the ImageNet / AudioSet / Kinetics analogue). `python toy_pretrain.py` (or
+`python toy.py`) regenerates them all (seeded); `python toy.py llama` only the named one(s).
 
 The LM corpus is the lesson of this file: an LM trained on i.i.d. captions reaches the captions' entropy
 and never learns to read its context, so no injected token can steer it (measured: 42% held-out attribute
@@ -56,17 +57,24 @@ def lm_corpus(n_docs: int = 60000, seed: int = 0) -> list[str]:
     return docs
 
 
-def train_tokenizer(docs: list[str], folder: Path, vocab_size: int = 512) -> None:
+def train_tokenizer(docs: list[str], folder: Path, vocab_size: int = 512, layout: str = "opt") -> None:
     """Byte-level BPE like OPT's (GPT-2 bytes, no prefix space), ids <s>=0 <pad>=1 </s>=2 <unk>=3, saved as
-    vocab.json + merges.txt. Trained on the text between the `</s>` markers, so no merge crosses one."""
-    from tokenizers import ByteLevelBPETokenizer
+    vocab.json + merges.txt (layout "opt"), or as one tokenizer.json that prepends `</s>` as BOS (layout
+    "llama": the same merges and ids, the file the Llama family ships). Trained on the text between the `</s>`
+    markers, so no merge crosses one."""
+    from tokenizers import ByteLevelBPETokenizer, processors
 
     tokenizer = ByteLevelBPETokenizer(add_prefix_space=False)
     segments = (part for doc in docs for part in doc.split("</s>") if part)
     tokenizer.train_from_iterator(segments, vocab_size=vocab_size, min_frequency=2,
                                   special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_model(str(folder))
+    if layout == "opt":
+        tokenizer.save_model(str(folder))
+        return
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B:1", special_tokens=[("</s>", tokenizer.token_to_id("</s>"))])
+    tokenizer.save(str(folder / "tokenizer.json"))
 
 
 def encode_docs(tokenizer, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +111,8 @@ def init_weights(model: nn.Module, std: float = 0.02) -> nn.Module:
 
 def train_lm(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int, batch: int = 64, lr: float = 3e-3,
              seed: int = 0, log=print) -> float:
-    """Next-token pretraining of the toy OPT on the encoded corpus. Returns the mean loss of the last 100 steps."""
+    """Next-token pretraining of a toy LM (OPT or Llama) on the encoded corpus. Returns the mean loss of the last
+    100 steps."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     lm.train()
@@ -284,34 +293,56 @@ def lm_hf_config(vocab_size: int) -> dict:
             "tie_word_embeddings": True, "use_cache": True}
 
 
-def save_lm(lm: nn.Module, folder: Path, vocab_size: int) -> None:
-    """config.json + model.safetensors with OPTForCausalLM's keys (model.decoder.*; lm_head tied, not stored)."""
+def llama_hf_config(vocab_size: int) -> dict:
+    """The toy OPT's width, depth and about its parameter count (the SwiGLU's three matrices at 384 where OPT has
+    two at 512; grouped-query attention stores fewer k and v weights), in SmolLM2's layout: tied embeddings, no
+    biases. `</s>` is BOS and EOS as in the toy OPT, so the world's text layout `</s> ... </s>` is unchanged."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab_size,
+            "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 32, "hidden_act": "silu", "max_position_embeddings": 64,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
+            "initializer_range": 0.02, "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2,
+            "tie_word_embeddings": True, "use_cache": True}
+
+
+# our layer's module -> the submodule transformers puts it in (OPT's fc1 / fc2 and layer norms sit in the layer)
+HF_SUBMODULE = {**dict.fromkeys(("q_proj", "k_proj", "v_proj", "out_proj", "o_proj"), "self_attn"),
+                **dict.fromkeys(("gate_proj", "up_proj", "down_proj"), "mlp")}
+
+
+def save_lm(lm: nn.Module, folder: Path, config: dict) -> None:
+    """config.json + model.safetensors with OPTForCausalLM's keys (model.decoder.*) or LlamaForCausalLM's
+    (model.*); lm_head tied, not stored."""
     from safetensors.torch import save_file
 
-    attn = ("q_proj", "k_proj", "v_proj", "out_proj")
+    prefix = "model.decoder." if config["model_type"] == "opt" else "model."
     state = {}
     for key, t in lm.state_dict().items():
         parts = key.split(".")
-        if len(parts) > 2 and parts[0] == "layers" and parts[2] in attn:
-            key = ".".join(parts[:2] + ["self_attn"] + parts[2:])
-        state["model.decoder." + key] = t.contiguous()
-    _write_json(folder / "config.json", lm_hf_config(vocab_size))
+        if len(parts) > 2 and parts[0] == "layers" and parts[2] in HF_SUBMODULE:
+            key = ".".join(parts[:2] + [HF_SUBMODULE[parts[2]]] + parts[2:])
+        state[prefix + key] = t.contiguous()
+    _write_json(folder / "config.json", config)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def build_lm(folder: Path, steps: int = 1500, log=print) -> float:
+def build_lm(folder: Path, family: str = "opt", steps: int = 1500, log=print) -> float:
+    """The toy LM of a family (opt, llama): the same corpus, tokenizer merges, seeds and training."""
+    import llama
     import opt
 
     docs = lm_corpus()
-    train_tokenizer(docs, folder)
-    tokenizer = opt.load_tokenizer(str(folder))
+    train_tokenizer(docs, folder, layout=family)
+    tokenizer = opt.load_tokenizer(str(folder))  # vocab.json + merges.txt, or tokenizer.json as it is
     vocab_size = -(-tokenizer.get_vocab_size() // 8) * 8
+    config = (lm_hf_config if family == "opt" else llama_hf_config)(vocab_size)
+    cls, config_cls = (opt.OPT, opt.OPTConfig) if family == "opt" else (llama.Llama, llama.LlamaConfig)
     torch.manual_seed(0)
-    lm = init_weights(opt.OPT(opt.OPTConfig.from_dict(lm_hf_config(vocab_size))))
+    lm = init_weights(cls(config_cls.from_dict(config)))
     ids, mask = encode_docs(tokenizer, docs)
     loss = train_lm(lm, ids, mask, steps, log=log)
-    save_lm(lm, folder, vocab_size)
-    _check_reload(opt.OPT, lm, folder, ids[:8], mask[:8])
+    save_lm(lm, folder, config)
+    _check_reload(cls, lm, folder, ids[:8], mask[:8])
     return loss
 
 
@@ -338,21 +369,52 @@ def build_encoder(name: str, folder: Path, log=print) -> dict[str, float]:
     return accuracy
 
 
-def build(which=("lm", "vit", "ast", "timesformer"), log=print) -> None:
-    """Train and save the toy backbones (seeded) under toy/; `python toy_pretrain.py` runs this."""
+BACKBONES = ("lm", "llama", "vit", "ast", "timesformer")
+
+
+def build(which=BACKBONES, log=print) -> None:
+    """Train and save the toy backbones (seeded) under toy/; `python toy_pretrain.py [NAME ...]` runs this."""
     for name in which:
-        if name not in ("lm", "vit", "ast", "timesformer"):
-            raise ValueError(f"toy backbone {name!r} is not one of lm, vit, ast, timesformer")
+        if name not in BACKBONES:
+            raise ValueError(f"toy backbone {name!r} is not one of {', '.join(BACKBONES)}")
         t0 = time.time()
         torch.manual_seed(0)
-        if name == "lm":
-            result = f"final loss {build_lm(TOY_DIR / 'lm', log=log):.3f}"
+        if name in ("lm", "llama"):
+            loss = build_lm(TOY_DIR / name, "opt" if name == "lm" else "llama", log=log)
+            result = f"final loss {loss:.3f}"
         else:
             accuracy = build_encoder(name, TOY_DIR / name, log=log)
             result = "held-out accuracy " + ", ".join(f"{a} {100 * v:.1f}%" for a, v in accuracy.items())
         log(f"toy/{name}: {result} ({time.time() - t0:.0f} s)")
+        record_build(TOY_DIR / name, result)
+
+
+def record_build(folder: Path, result: str) -> None:
+    """folder/build.json: what built it (command, seed, library versions, machine). The same code and seed give
+    other bytes under other torch builds or CPUs (toy/BUILD.md), so a checkpoint says where it came from."""
+    import platform
+    import sys
+
+    import PIL
+    import tokenizers
+    _write_json(folder / "build.json", {
+        "command": "python toy.py " + " ".join(sys.argv[1:]), "seed": 0, "result": result,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "pillow": PIL.__version__, "tokenizers": tokenizers.__version__},
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})
+
+
+def main(names: list[str]) -> None:
+    """`python toy.py [NAME ...]`: build the named toy backbones (all without a name), e.g. only `llama`."""
+    for name in names:
+        if name not in BACKBONES:
+            raise SystemExit(f"error: toy backbone {name!r} is not one of {', '.join(BACKBONES)}")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    build(names or BACKBONES)
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    build()
+    import sys
+
+    main(sys.argv[1:])

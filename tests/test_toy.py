@@ -106,7 +106,8 @@ def test_lm_corpus_puts_the_answer_in_context():
 def test_builder_configs_are_the_committed_ones(tmp_path):
     # what toy_pretrain.py writes next to the weights, byte for byte (the constants it imports included)
     lm_vocab = json.loads((toy.TOY_DIR / "lm" / "config.json").read_text())["vocab_size"]
-    written = {"lm/config.json": toy_pretrain.lm_hf_config(lm_vocab)}
+    written = {"lm/config.json": toy_pretrain.lm_hf_config(lm_vocab),
+               "llama/config.json": toy_pretrain.llama_hf_config(lm_vocab)}  # one corpus, one vocabulary
     for name in ("vit", "ast", "timesformer"):
         written[f"{name}/config.json"] = toy_pretrain.HF_CONFIGS[name]
         written[f"{name}/preprocessor_config.json"] = toy_pretrain.PREPROCESSOR_CONFIGS[name]
@@ -124,9 +125,37 @@ def test_data_does_not_import_the_builder():
 def test_toy_checkpoints_are_small_and_in_hub_layout():
     files = [p for p in toy.TOY_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 10 * 2**20
-    for name in ("lm", "vit", "ast", "timesformer"):
+    for name in ("lm", "llama", "vit", "ast", "timesformer"):
         assert (toy.TOY_DIR / name / "config.json").is_file() and (toy.TOY_DIR / name / "model.safetensors").is_file()
     assert {p.name for p in (toy.TOY_DIR / "lm").iterdir()} >= {"vocab.json", "merges.txt"}
+    assert (toy.TOY_DIR / "llama" / "tokenizer.json").is_file()
+
+
+def test_toy_llama_is_the_toy_opts_size():
+    # the two toy LMs compare as families, not as sizes: parameters within 5%, and no bigger on disk
+    import llama
+    import opt
+
+    counts = [sum(p.numel() for p in cls.from_pretrained(str(toy.TOY_DIR / name)).parameters())
+              for cls, name in ((opt.OPT, "lm"), (llama.Llama, "llama"))]
+    assert abs(counts[1] / counts[0] - 1) < 0.05, counts
+    size = [(toy.TOY_DIR / name / "model.safetensors").stat().st_size for name in ("lm", "llama")]
+    assert size[1] <= size[0], size
+
+
+def test_toy_llama_builder_writes_the_committed_files(tmp_path):
+    # two training steps: the tokenizer (trained again from the same corpus), config.json and the weight names
+    # and shapes are the committed ones, and the folder reloads (build_lm checks the reload itself)
+    from safetensors import safe_open
+
+    toy_pretrain.build_lm(tmp_path, "llama", steps=2, log=lambda _: None)
+    for name in ("tokenizer.json", "config.json"):
+        assert (tmp_path / name).read_bytes() == (toy.TOY_DIR / "llama" / name).read_bytes(), name
+    shapes = []
+    for folder in (tmp_path, toy.TOY_DIR / "llama"):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            shapes.append({k: f.get_slice(k).get_shape() for k in f.keys()})
+    assert shapes[0] == shapes[1] and "model.layers.3.mlp.gate_proj.weight" in shapes[0]
 
 
 def test_toy_tokenizer_matches_gpt2_tokenizer_and_round_trips():
@@ -146,12 +175,36 @@ def test_toy_tokenizer_matches_gpt2_tokenizer_and_round_trips():
             assert len(ours.encode(" " + v).ids) == 2, v
 
 
-def test_toy_lm_loads_matches_transformers_and_reads_its_context():
+def test_toy_llama_tokenizer_is_the_toy_opts_with_the_same_text_layout():
+    import data
+    import llama
     import opt
 
-    lm = opt.OPT.from_pretrained(str(toy.TOY_DIR / "lm"))
-    ref = transformers.OPTForCausalLM.from_pretrained(str(toy.TOY_DIR / "lm")).eval()
-    tok = opt.load_tokenizer(str(toy.TOY_DIR / "lm"))
+    ours = llama.load_tokenizer(str(toy.TOY_DIR / "llama"))
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(toy.TOY_DIR / "llama" / "tokenizer.json"))
+    opt_tok = opt.load_tokenizer(str(toy.TOY_DIR / "lm"))
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (2, 2, 1)  # `</s>`, `</s>`, `<pad>`
+    texts = [s["caption"] for m in toy.MODALITIES for s in toy.samples(m, "heldout", 3, 0)]
+    texts += [data.vqa_prompt(q) + " " + a for m in toy.MODALITIES for q, a in toy.samples(m, "train", 1, 0)[0]["qa"]]
+    for text in texts:
+        ids = ours.encode(text).ids
+        assert ids == opt_tok.encode(text).ids == ref(text)["input_ids"] and ids[0] == 2
+        assert ours.decode(ids) == text
+    prompts, targets = ["", data.vqa_prompt("what colour is the circle?")], [" a small red circle", " red"]
+    for a, b in zip(data.text_batch(ours, prompts, targets), data.text_batch(opt_tok, prompts, targets)):
+        assert torch.equal(a, b)  # `</s> prompt target </s>`, left padded with <pad>: the toy OPT's batches
+
+
+LM_FAMILIES = {"lm": ("opt", "OPT", "OPTForCausalLM"), "llama": ("llama", "Llama", "LlamaForCausalLM")}
+
+
+@pytest.mark.parametrize("name", LM_FAMILIES)
+def test_toy_lm_loads_matches_transformers_and_reads_its_context(name):
+    module_name, cls, ref_cls = LM_FAMILIES[name]
+    module = __import__(module_name)
+    lm = getattr(module, cls).from_pretrained(str(toy.TOY_DIR / name))
+    ref = getattr(transformers, ref_cls).from_pretrained(str(toy.TOY_DIR / name)).eval()
+    tok = module.load_tokenizer(str(toy.TOY_DIR / name))
     combo = toy.combinations("image", "heldout")[0]
     prompt = "".join(" " + v for v in reversed(list(combo.values()))) + "</s>"  # as in lm_corpus
     ids = torch.tensor([tok.encode(prompt).ids])
