@@ -55,6 +55,7 @@ def test_every_section_has_finite_positive_timings(results):
     assert results["notes"], "skipped variants must be explained"
 
 
+@pytest.mark.slow
 def test_same_outputs_as_transformers(results):
     # both sides ran the same weights on the same inputs: the timings compare like with like
     for name, row in results["backbones"].items():

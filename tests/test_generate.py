@@ -63,6 +63,7 @@ def test_decode_step_after_reorder_follows_the_rows(tmp_path):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed,boost", [(3, 1.5), (2, 1.0), (1, 2.0)])
 def test_samples_finishing_at_different_steps_match_transformers(tmp_path, seed, boost):
     m, ref = eos_prone(tmp_path, seed, boost)

@@ -142,6 +142,7 @@ def hf_new_tokens(ref, ids, mask, eos, **kw):
 
 @pytest.mark.parametrize("case,seed", [("llama-kv1-untied", 0), ("qwen2-kv2-tied-qkv-bias", 1),
                                        ("llama3-rope-kv2-tied-bias", 2), ("mistral-head-dim-8", 3)])
+@pytest.mark.slow
 def test_greedy_and_beam_search_match_transformers_with_an_eos_list(case, seed, tmp_path):
     m, ref = epalm(case, tmp_path, seed=seed, init_std=0.4, eos=[2, 7])
     assert m.lm.config.eos_token_id == [2, 7]  # generation_config.json's list
@@ -252,6 +253,7 @@ def test_cached_generation_and_beams_equal_full_recompute(tmp_path):
                               length_penalty=0.7)[0] for b, r in enumerate(rows)]
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     m, _ = epalm("mistral-head-dim-8", tmp_path, init_std=0.4)
     ids, mask = left_padded([[1, 5, 6, 7, 8], [1, 9, 10]])

@@ -143,6 +143,7 @@ def test_toy_llama_is_the_toy_opts_size():
     assert size[1] <= size[0], size
 
 
+@pytest.mark.slow
 def test_toy_llama_builder_writes_the_committed_files(tmp_path):
     # two training steps: the tokenizer (trained again from the same corpus), config.json and the weight names
     # and shapes are the committed ones, and the folder reloads (build_lm checks the reload itself)
@@ -221,6 +222,7 @@ def test_toy_lm_loads_matches_transformers_and_reads_its_context(name):
 ENCODER_REFERENCE = {"vit": "ViTModel", "ast": "ASTModel", "timesformer": "TimesformerModel"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", toy.MODALITIES)
 def test_toy_encoder_loads_matches_transformers_and_separates_heldout_attributes(modality):
     name = toy.ENCODER_OF[modality]
