@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import benchmarks
-import card
+import checkpoint
 import configurator
 import data
 import distributed
@@ -213,46 +213,10 @@ def lr_factor(it: int) -> float:
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def save_checkpoint(model, optimizer, scaler, it: int, run_dir: Path) -> None:
-    """state.pt (everything to resume) then ckpt.safetensors (what sample.py needs), each written to a
-    temporary file and renamed: a kill at any moment leaves the previous checkpoint whole."""
-    state = {"iter": it, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "torch_rng": torch.get_rng_state(),
-             "adapter": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}}
-    tmp = run_dir / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / "state.pt")
-    hub.save_adapter(model, run_dir / "ckpt.safetensors", {**run_config(), "iter": it})
-    write_card(model, run_dir, it)
-
-
-def write_card(model, run_dir: Path, it: int, scores: dict | None = None, blind: dict | None = None) -> None:
-    """README.md beside the checkpoint, the model card that `hf upload` publishes with it (card.py); the final
-    one, with the held-out scores, is written when the run ends."""
-    split = "heldout" if dataset == "toy" else eval_split
-    card.write_card(run_dir, card.model_card(model, {**run_config(), "iter": it}, sys.argv[1:], scores, blind, split))
-
-
-def load_state(model, optimizer, scaler, run_dir: Path) -> int:
-    path = run_dir / "state.pt"
-    if not path.exists():
-        configurator.fail(f"--init_from=resume: no {path} (train first, or check --out_dir)")
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        configurator.fail(f"--init_from=resume: {path} is unreadable ({type(e).__name__}: {e})")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, v in state["adapter"].items():
-            if n not in params or params[n].shape != v.shape:
-                configurator.fail(f"--init_from=resume: {path} does not match this configuration (parameter {n})")
-            params[n].copy_(v)
-    optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler"):  # float16 runs only (a disabled scaler's state is empty)
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["iter"]
-
+def save_checkpoint(model, optimizer, scaler, it: int, run_dir: Path, scores=None, blind=None) -> None:
+    """state.pt, ckpt.safetensors and the model card (checkpoint.py); with the scores, the run's final card."""
+    checkpoint.save(run_dir, model, optimizer, scaler, {**run_config(), "iter": it}, sys.argv[1:],
+                    "heldout" if dataset == "toy" else eval_split, scores, blind)
 
 
 # ---- training ----
@@ -305,7 +269,7 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool, resum
     optimizer = make_optimizer(model)
     # float16 (GPUs without bf16) needs its loss scaled so that small gradients do not underflow to zero
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    it = load_state(model, optimizer, scaler, run_dir) if resume else 0
+    it = checkpoint.load(run_dir, model, optimizer, scaler) if resume else 0
     fwd = torch.compile(model) if compile else model
     if ddp:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device] if device_type == "cuda" else None)
@@ -388,9 +352,8 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool, resum
 
 
 def scores_table(scores: dict, blind: dict | None = None) -> str:
-    if dataset == "toy":
-        return results_table(scores, blind, "heldout", toy.chance(modality))
-    return results_table(scores, blind, eval_split)
+    return results_table(scores, blind, "heldout" if dataset == "toy" else eval_split,
+                         toy.chance(modality) if dataset == "toy" else None)
 
 
 # ---- preemption: a scheduler's SIGTERM (or SLURM's --signal=USR1@...) costs at most the current step ----
@@ -447,7 +410,7 @@ def run_training():
         print(scores_table(scores, blind))
         (out_dir / "results.json").write_text(json.dumps({"scores": scores, "blind": blind,
                                                           "config": settings}, indent=1, default=str))
-        write_card(model, out_dir, max_iters, scores, blind)
+        save_checkpoint(model, None, None, max_iters, out_dir, scores, blind)  # the card, with the scores
         print(f"checkpoint, log, curves and predictions in {out_dir}/; try: python sample.py --{modality} FILE")
 
 

@@ -1,0 +1,50 @@
+"""A training run's checkpoint, in its run folder:
+- state.pt: everything `--init_from resume` needs to continue exactly (the adapter, the optimizer, the float16
+  loss scaler, the RNG, the iteration), loaded with torch.load(weights_only=True);
+- ckpt.safetensors: the adapter and the run's configuration, what sample.py and --eval_only load (hub.py);
+- README.md: the model card (card.py), with the held-out scores once the run has them.
+Each is written to a temporary file and renamed: a kill at any moment leaves the previous checkpoint whole.
+"""
+import os
+from pathlib import Path
+
+import torch
+
+import card
+import configurator
+import hub
+
+
+def save(run_dir: Path, model, optimizer, scaler, config: dict, command: list[str], split: str, scores=None,
+         blind=None) -> None:
+    """All three files; without an optimizer (the end of a run: the weights are saved already) only the card."""
+    if optimizer is not None:
+        state = {"iter": config["iter"], "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "torch_rng": torch.get_rng_state(),
+                 "adapter": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}}
+        torch.save(state, run_dir / "state.pt.tmp")
+        os.replace(run_dir / "state.pt.tmp", run_dir / "state.pt")
+        hub.save_adapter(model, run_dir / "ckpt.safetensors", config)
+    card.write_card(run_dir, card.model_card(model, config, command, scores, blind, split))
+
+
+def load(run_dir: Path, model, optimizer, scaler) -> int:
+    """Restore state.pt into the model's adapter, the optimizer, the scaler and the RNG; returns the iteration."""
+    path = run_dir / "state.pt"
+    if not path.exists():
+        configurator.fail(f"--init_from=resume: no {path} (train first, or check --out_dir)")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        configurator.fail(f"--init_from=resume: {path} is unreadable ({type(e).__name__}: {e})")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state["adapter"].items():
+            if n not in params or params[n].shape != v.shape:
+                configurator.fail(f"--init_from=resume: {path} does not match this configuration (parameter {n})")
+            params[n].copy_(v)
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # float16 runs only (a disabled scaler's state is empty)
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["iter"]
