@@ -411,7 +411,9 @@ def run_training():
         (out_dir / "results.json").write_text(json.dumps({"scores": scores, "blind": blind,
                                                           "config": settings}, indent=1, default=str))
         save_checkpoint(model, None, None, max_iters, out_dir, scores, blind)  # the card, with the scores
-        print(f"checkpoint, log, curves and predictions in {out_dir}/; try: python sample.py --{modality} FILE")
+        where = "" if out_dir == Path(f"out/{modality}-{task}") else f" --checkpoint {out_dir}"
+        print(f"checkpoint, log, curves and predictions in {out_dir}/; try: python sample.py --{modality} FILE"
+              + where + (' --question "..."' if task == "vqa" else ""))
 
 
 if __name__ == "__main__":
