@@ -16,10 +16,10 @@ COMMON = ["--toy_train_samples=32", "--toy_eval_samples=10", "--batch_size=4", "
           "--max_new_tokens=4", "--log_interval=1"]
 
 
-def run(tiny_backbones, out_dir, *flags, procs=1, modality="image"):
+def run(tiny_backbones, out_dir, *flags, procs=1, modality="image", lm=None):
     launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      f"--nproc_per_node={procs}"]
-    cmd = [*launcher, str(ROOT / "train.py"), f"--modality={modality}", f"--lm={tiny_backbones['lm']}",
+    cmd = [*launcher, str(ROOT / "train.py"), f"--modality={modality}", f"--lm={lm or tiny_backbones['lm']}",
            f"--encoder={tiny_backbones[modality]}", f"--out_dir={out_dir}", *COMMON, *flags]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -48,11 +48,14 @@ def test_evaluation_is_shared_and_equals_one_process(tiny_backbones, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_trains_like_ddp_with_half_the_frozen_weights_per_process(tiny_backbones, tmp_path):
+@pytest.mark.parametrize("lm", ["opt", "llama"])
+def test_fsdp_trains_like_ddp_with_half_the_frozen_weights_per_process(tiny_backbones, tmp_path, lm):
+    # the toy Llama (rotary, grouped-query attention, tied head) is sharded one unit per layer like OPT
     flags = ["--max_iters=3", "--eval_interval=3", "--cache_features=False", "--lr=1e-2", "--prompt_lr=1e-2",
              "--warmup_iters=1"]
-    run(tiny_backbones, tmp_path / "ddp", *flags, procs=2)
-    p = run(tiny_backbones, tmp_path / "fsdp", *flags, "--fsdp", procs=2)
+    lm = str(ROOT / "toy" / "llama") if lm == "llama" else None
+    run(tiny_backbones, tmp_path / "ddp", *flags, procs=2, lm=lm)
+    p = run(tiny_backbones, tmp_path / "fsdp", *flags, "--fsdp", procs=2, lm=lm)
     logs = {k: [json.loads(x) for x in lines(tmp_path / k / "log.jsonl")] for k in ("ddp", "fsdp")}
     for key in ("loss", "val_loss"):
         a = [r[key] for r in logs["ddp"] if key in r]
