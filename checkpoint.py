@@ -4,6 +4,7 @@
 - ckpt.safetensors: the adapter and the run's configuration, what sample.py and --eval_only load (hub.py);
 - README.md: the model card (card.py), with the held-out scores once the run has them.
 Each is written to a temporary file and renamed: a kill at any moment leaves the previous checkpoint whole.
+load_model rebuilds the model from ckpt.safetensors (or a hub repository holding one): sample.py, --eval_only.
 """
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 import card
 import configurator
 import hub
+from model import EPALM, EPALMConfig, load_backbones
 
 
 def save(run_dir: Path, model, optimizer, scaler, config: dict, command: list[str], split: str, scores=None,
@@ -48,3 +50,23 @@ def load(run_dir: Path, model, optimizer, scaler) -> int:
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     return state["iter"]
+
+
+def load_model(name_or_path, dtype: torch.dtype | None = None, shard=None):
+    """(EPALM, tokenizer, run configuration) rebuilt from an adaptation checkpoint (its file, a run's folder or
+    a hub repository, see hub.adapter_path): its configuration names the backbones, which load as in training."""
+    path = hub.adapter_path(name_or_path)
+    state, config = hub.load_adapter(path)
+    try:
+        lm, tokenizer, encoder = load_backbones(config["modality"], config["lm"], config["encoder"], dtype, shard)
+    except (OSError, ValueError) as e:  # ConnectionError and FileNotFoundError are OSErrors
+        raise (ValueError if isinstance(e, ValueError) else OSError)(
+            f"{name_or_path}: the backbones it names do not load: {e}") from None
+    model = EPALM(lm, encoder, EPALMConfig(**config["epalm"]))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    bad = sorted(set(trainable) ^ set(state)) + [n for n in state if n in trainable and
+                                                  state[n].shape != trainable[n].shape]
+    if bad:
+        raise ValueError(f"{path}: parameters do not match the model it names: {', '.join(bad)}")
+    model.load_state_dict(state, strict=False)
+    return model.eval(), tokenizer, config

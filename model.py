@@ -187,7 +187,7 @@ class EPALM(nn.Module):
     generate = generate_tokens
 
 
-# ---- backbones, and a model rebuilt from an adaptation checkpoint (its file format: hub.py) ----
+# ---- the frozen backbones, by name (a model rebuilt from an adaptation checkpoint: checkpoint.py) ----
 ENCODERS = {"image": ViT, "audio": AST, "video": TimeSformer}
 # config.json's model_type -> (the LM, its tokenizer loader)
 LANGUAGE_MODELS = {"opt": (opt.OPT, opt.load_tokenizer), **{t: (llama.Llama, llama.load_tokenizer)
@@ -209,23 +209,3 @@ def load_backbones(modality: str, lm_name: str, encoder_name: str, dtype: torch.
     lm = lm_class.from_pretrained(folder, dtype=dtype, shard=shard)
     encoder = ENCODERS[modality].from_pretrained(encoder_name, dtype=dtype, shard=shard)
     return lm, load_tokenizer(folder), encoder
-
-
-def from_checkpoint(name_or_path, dtype: torch.dtype | None = None, shard=None):
-    """(EPALM, tokenizer, run configuration) rebuilt from an adaptation checkpoint (its file, a run's folder or
-    a hub repository, see hub.adapter_path): its configuration names the backbones, which load as in training."""
-    path = hub.adapter_path(name_or_path)
-    state, config = hub.load_adapter(path)
-    try:
-        lm, tokenizer, encoder = load_backbones(config["modality"], config["lm"], config["encoder"], dtype, shard)
-    except (OSError, ValueError) as e:  # ConnectionError and FileNotFoundError are OSErrors
-        raise (ValueError if isinstance(e, ValueError) else OSError)(
-            f"{name_or_path}: the backbones it names do not load: {e}") from None
-    model = EPALM(lm, encoder, EPALMConfig(**config["epalm"]))
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    bad = sorted(set(trainable) ^ set(state)) + [n for n in state if n in trainable and
-                                                  state[n].shape != trainable[n].shape]
-    if bad:
-        raise ValueError(f"{path}: parameters do not match the model it names: {', '.join(bad)}")
-    model.load_state_dict(state, strict=False)
-    return model.eval(), tokenizer, config

@@ -19,7 +19,7 @@ import torch
 
 import configurator
 import data
-from model import from_checkpoint
+from checkpoint import load_model
 
 image = []                  # files to caption or ask about, all generated for in one batch
 audio = []                  # (wav natively; flac, mp3, ogg, m4a with PyAV)
@@ -76,7 +76,7 @@ def main(args: dict) -> int:
         configurator.fail(f"no checkpoint at {path}/ckpt.safetensors: train one first with `python train.py "
                           f"--modality {modality} --task {task}`, or pass --checkpoint")
     # a file, a run's folder or a hub repository (hub.adapter_path); what cannot load is a one-line error (run)
-    model, tokenizer, config = from_checkpoint(path, dtype=getattr(torch, args["dtype"]))
+    model, tokenizer, config = load_model(path, dtype=getattr(torch, args["dtype"]))
     if config["modality"] != modality:
         configurator.fail(f"{path} was trained on {config['modality']}, not {modality}")
     if config.get("task") == "vqa" and not args["question"]:

@@ -33,7 +33,7 @@ import hub
 import toy
 import train_config
 from evaluate import EvalConfig, eval_batches, evaluate, results_table
-from model import EPALM, EPALMConfig, from_checkpoint, load_backbones
+from model import EPALM, EPALMConfig, load_backbones
 from plot import plot_curves
 
 # ---- configuration ----
@@ -377,8 +377,8 @@ def main():
 
 def run_eval_only():
     """Score the checkpoint in out_dir (its modality, task and data set were read with the settings)."""
-    model, tokenizer, _ = from_checkpoint(out_dir / "ckpt.safetensors", dtype=weights_dtype,
-                                          shard=distributed.shard_blocks if fsdp else None)
+    model, tokenizer, _ = checkpoint.load_model(out_dir / "ckpt.safetensors", dtype=weights_dtype,
+                                                shard=distributed.shard_blocks if fsdp else None)
     model.to(device)
     model = distributed.shard_root(model) if fsdp else model
     _, eval_ex = load_examples(train_split=False)

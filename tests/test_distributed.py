@@ -68,8 +68,8 @@ def test_fsdp_trains_like_ddp_with_half_the_frozen_weights_per_process(tiny_back
                                        p.stdout).groups())
     assert 0.45 < mine / whole < 0.55, p.stdout  # each process holds half of every sharded weight
     # the adaptation-only checkpoint loads on one device, without FSDP, and sample.py captions with it
-    from model import from_checkpoint
-    model, _, config = from_checkpoint(tmp_path / "fsdp" / "ckpt.safetensors")
+    from checkpoint import load_model
+    model, _, config = load_model(tmp_path / "fsdp" / "ckpt.safetensors")
     assert config["iter"] == 3 and torch.equal(model.prompt.detach(), fsdp["prompt"])
     p = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--image", str(TESTDATA / "images" / "hopper.jpg"),
                         "--checkpoint", str(tmp_path / "fsdp"), "--max_new_tokens", "3"], capture_output=True,

@@ -247,3 +247,32 @@ def test_toy_encoder_loads_matches_transformers_and_separates_heldout_attributes
         pred = torch.cdist(f_held, means).argmin(1)
         accuracy = (pred == y_held[:, i]).float().mean().item()
         assert accuracy > 0.5 + 0.5 / len(values), (a, accuracy)
+
+
+@pytest.mark.parametrize("name", ["lm", "llama"])
+def test_the_shipped_toy_lms_copy_every_attribute_from_their_context(name):
+    # what eP-ALM relies on: the frozen LM already reads the words it is given (toy_pretrain.reading_test); an
+    # attribute it does not copy from text cannot be taught by the adapter. Every held-out combination, greedy.
+    import llama
+    import opt
+
+    folder = str(toy.TOY_DIR / name)
+    lm = (opt.OPT if name == "lm" else llama.Llama).from_pretrained(folder)
+    scores = toy_pretrain.reading_test(lm, opt.load_tokenizer(folder))
+    assert set(scores) == set(toy.MODALITIES)
+    for modality, accuracy in scores.items():
+        assert set(accuracy) == {f"{a} accuracy" for a in toy.ATTRIBUTES[modality]} | {"attribute accuracy"}
+        assert min(accuracy.values()) >= 0.95, (modality, accuracy)
+
+
+def test_the_reading_test_fails_an_lm_that_does_not_read():
+    # the same shapes untrained: it cannot copy, so the test must say so (and the summary names what it misses)
+    import opt
+
+    folder = str(toy.TOY_DIR / "lm")
+    config = opt.OPTConfig.from_dict(json.loads((toy.TOY_DIR / "lm" / "config.json").read_text()))
+    torch.manual_seed(0)
+    scores = toy_pretrain.reading_test(toy_pretrain.init_weights(opt.OPT(config)).eval(), opt.load_tokenizer(folder))
+    assert all(s["attribute accuracy"] < 0.5 for s in scores.values()), scores
+    summary = toy_pretrain.reading_summary(scores)
+    assert summary.startswith("reads its context: image ") and "shape " in summary, summary
