@@ -83,9 +83,4 @@ class AST(nn.Module):
         rules = [(r"^embeddings\.distillation_token$", "dist_token")] + HF_RULES
         state = rename_keys(fuse_qkv(hub.load_state_dict(folder)), rules,
                             prefixes=("audio_spectrogram_transformer.",), drop=("classifier.",))
-        with torch.device("meta"):
-            model = cls(config)
-        if shard is not None:  # e.g. FSDP units, before any weight is read (train.py)
-            shard(model)
-        hub.load_weights(model, state, dtype or torch.float32, source=str(folder))
-        return model.eval()
+        return hub.build(cls, config, state, dtype, shard, source=str(folder))

@@ -154,6 +154,18 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def build(cls, config, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None, shard=None,
+          source: str = "") -> torch.nn.Module:
+    """How every backbone's from_pretrained makes its model: cls(config) on the meta device (no memory), shard
+    applied before any weight is read (FSDP units, see distributed.py), then state loaded in strictly, in dtype
+    (default float32), in eval mode."""
+    with torch.device("meta"):
+        model = cls(config)
+    if shard is not None:
+        shard(model)
+    return load_weights(model, state, dtype or torch.float32, source=source).eval()
+
+
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
                  source: str = "") -> torch.nn.Module:
     """Put state's tensors into model (built on the meta device, or not), strictly, casting floating tensors to

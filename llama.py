@@ -216,17 +216,12 @@ class Llama(nn.Module):
         folder = hub.resolve(name_or_path, extra_files=("generation_config.json",))
         config = LlamaConfig.from_dict(hub.read_json(folder), hub.read_json(folder, "generation_config.json",
                                                                             required=False))
-        with torch.device("meta"):
-            model = cls(config)
-        if shard is not None:  # e.g. FSDP units, before any weight is read (train.py)
-            shard(model)
         state = {}
         for key, tensor in hub.load_state_dict(folder).items():  # memory-mapped: load_weights casts and places
             if key == "lm_head.weight" and config.tie_word_embeddings:  # some tied checkpoints store it too
                 continue
             state[key.removeprefix("model.").replace("self_attn.", "").replace("mlp.", "")] = tensor
-        hub.load_weights(model, state, dtype or torch.float32, source=str(folder))
-        return model.eval()
+        return hub.build(cls, config, state, dtype, shard, source=str(folder))
 
 
 @dataclass

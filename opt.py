@@ -222,19 +222,13 @@ class OPT(nn.Module):
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "OPT":
         folder = hub.resolve(name_or_path)
         config = OPTConfig.from_dict(hub.read_json(folder))
-        with torch.device("meta"):
-            model = cls(config)
-        if shard is not None:  # e.g. FSDP units, before any weight is read (train.py)
-            shard(model)
-        dtype = dtype or torch.float32
         state = {}
         for key, tensor in hub.load_state_dict(folder).items():  # memory-mapped: load_weights casts and places
             if key == "lm_head.weight":  # tied to embed_tokens
                 continue
             key = key.removeprefix("model.").removeprefix("decoder.").replace("self_attn.", "")
             state[key] = tensor
-        hub.load_weights(model, state, dtype, source=str(folder))
-        return model.eval()
+        return hub.build(cls, config, state, dtype, shard, source=str(folder))
 
 
 def load_tokenizer(name_or_path: str):

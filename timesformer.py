@@ -132,12 +132,8 @@ class TimeSformer(nn.Module):
         config = TimeSformerConfig.from_dict(hub.read_json(folder))
         state = rename_keys(hub.load_state_dict(folder), HF_TIMESFORMER_RULES, prefixes=("timesformer.",),
                             drop=("classifier.",))
-        with torch.device("meta"):
-            model = cls(config)
-        if shard is not None:  # e.g. FSDP units, before any weight is read (train.py)
-            shard(model)
-        hub.load_weights(model, state, dtype or torch.float32, source=str(folder))
+        model = hub.build(cls, config, state, dtype, shard, source=str(folder))
         processor = hub.read_json(folder, "preprocessor_config.json", required=False)
         if processor is not None:
             model.transform = transform_from_hf(processor, model.transform, int_size_is_square=False)
-        return model.eval()
+        return model

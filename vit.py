@@ -185,11 +185,7 @@ class ViT(nn.Module):
         else:
             config = ViTConfig.from_dict(raw)
             state = rename_keys(fuse_qkv(state), HF_RULES, prefixes=("vit.",), drop=("pooler.", "classifier."))
-        with torch.device("meta"):
-            model = cls(config)
-        if shard is not None:  # e.g. FSDP units, before any weight is read (train.py)
-            shard(model)
-        hub.load_weights(model, state, dtype or torch.float32, source=str(folder))
+        model = hub.build(cls, config, state, dtype, shard, source=str(folder))
         processor = hub.read_json(folder, "preprocessor_config.json", required=False)
         if layout in ("clip", "clip_vision_model", "dinov2"):  # their processors read an int size as the short side
             default = DINOV2_TRANSFORM if layout == "dinov2" else CLIP_TRANSFORM
@@ -198,4 +194,4 @@ class ViT(nn.Module):
             model.transform = transform_from_hf(processor, model.transform, int_size_is_square=True)
         elif "pretrained_cfg" in raw:
             model.transform = transform_from_timm(raw["pretrained_cfg"])
-        return model.eval()
+        return model
