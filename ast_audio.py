@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import hub
-from encoder_parts import HF_RULES, Block, config_from_dict, fuse_qkv, rename_keys, run_blocks
+from encoder_parts import HF_RULES, Block, check_model_type, config_from_dict, fuse_qkv, rename_keys, run_blocks
 from fbank import AST_MEAN, AST_SAMPLE_RATE, AST_STD, preprocess
 
 
@@ -75,7 +75,9 @@ class AST(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "AST":
         folder = hub.resolve(name_or_path, extra_files=("preprocessor_config.json",))
-        config = ASTConfig.from_dict(hub.read_json(folder))
+        raw = hub.read_json(folder)
+        check_model_type(folder, raw, ("audio-spectrogram-transformer",), "an audio encoder (AST)")
+        config = ASTConfig.from_dict(raw)
         processor = hub.read_json(folder, "preprocessor_config.json", required=False) or {}
         if processor.get("do_normalize", True):
             config = dataclasses.replace(config, feature_mean=processor.get("mean", AST_MEAN),

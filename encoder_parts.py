@@ -35,6 +35,22 @@ def config_from_dict(cls, d: dict):
     return cls(**kwargs)
 
 
+
+# encoders people reach for that have no [CLS] token for eP-ALM to inject (the method needs one per level)
+NO_CLS = {"siglip": "SigLIP pools through an attention head, it has no [CLS] token to inject",
+          "siglip_vision_model": "SigLIP pools through an attention head, it has no [CLS] token to inject",
+          "siglip2_vision_model": "SigLIP 2 pools through an attention head, it has no [CLS] token to inject"}
+
+
+def check_model_type(folder, raw: dict, accepted: tuple[str, ...], what: str) -> None:
+    """A one-line error when config.json's model_type is not one this encoder reads (e.g. an audio checkpoint
+    given to --modality image), instead of a list of mismatched weights. A config without model_type passes."""
+    kind = raw.get("model_type")
+    if kind is not None and kind not in accepted:
+        why = NO_CLS.get(kind, f"expected {', '.join(accepted)}")
+        raise ValueError(f"{folder}: model_type {kind!r} is not {what}: {why}")
+
+
 # ---- the pre-LN transformer block ----
 
 class Attention(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hub
-from encoder_parts import HF_RULES, MLP, Attention, config_from_dict, rename_keys, run_blocks
+from encoder_parts import HF_RULES, MLP, Attention, check_model_type, config_from_dict, rename_keys, run_blocks
 from media import ImageTransform, transform_from_hf, transform_image
 
 
@@ -129,7 +129,9 @@ class TimeSformer(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "TimeSformer":
         folder = hub.resolve(name_or_path, extra_files=("preprocessor_config.json",))
-        config = TimeSformerConfig.from_dict(hub.read_json(folder))
+        raw = hub.read_json(folder)
+        check_model_type(folder, raw, ("timesformer",), "a video encoder (TimeSformer)")
+        config = TimeSformerConfig.from_dict(raw)
         state = rename_keys(hub.load_state_dict(folder), HF_TIMESFORMER_RULES, prefixes=("timesformer.",),
                             drop=("classifier.",))
         model = hub.build(cls, config, state, dtype, shard, source=str(folder))

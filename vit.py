@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import hub
-from encoder_parts import HF_RULES, Block, config_from_dict, fuse_qkv, rename_keys, run_blocks
+from encoder_parts import HF_RULES, Block, check_model_type, config_from_dict, fuse_qkv, rename_keys, run_blocks
 from media import ImageTransform, transform_from_hf, transform_from_timm, transform_image
 
 
@@ -173,6 +173,7 @@ class ViT(nn.Module):
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "ViT":
         folder = hub.resolve(name_or_path, extra_files=("preprocessor_config.json",))
         raw = hub.read_json(folder)
+        check_model_type(folder, raw, ("vit", "clip", "clip_vision_model", "dinov2"), "an image encoder")
         state = hub.load_state_dict(folder)
         layout = raw.get("model_type")
         if "architecture" in raw:  # timm layout

@@ -47,6 +47,10 @@ TABLE = [
      "--num_levels 4: more levels than the 3 blocks of the encoder"),
     ("train.py", "--dataset coco --data_dir {coco}", "cannot download facebook/opt-2.7b/config.json: offline"),
     ("train.py", "--eval_only --out_dir {tmp}", "--eval_only: no checkpoint at {tmp}/ckpt.safetensors"),
+    ("train.py", "--modality audio --lm {lm} --encoder {vit}", "{vit}: model_type 'vit' is not an audio encoder "
+     "(AST): expected audio-spectrogram-transformer"),
+    ("train.py", "--lm {lm} --encoder {siglip}", "{siglip}: model_type 'siglip_vision_model' is not an image encoder: "
+     "SigLIP pools through an attention head, it has no [CLS] token to inject"),
     ("sample.py", "--image {photo} --max_new_tokens -1", "--max_new_tokens -1: expected at least 1"),
     ("sample.py", "--image {photo} --num_beams 0", "--num_beams 0: expected at least 1"),
     ("sample.py", "--image {photo} --temperature -1", "--temperature -1.0: expected at least 0"),
@@ -75,8 +79,11 @@ def places(tiny_backbones, tmp_path):
     bad = tmp_path / "bad_coco"
     bad.mkdir()
     (bad / "dataset_coco.json").write_text(json.dumps({"images": [{"split": "train", "filepath": "val2014"}]}))
+    (tmp_path / "siglip").mkdir()  # SigLIP's vision tower as transformers saves it (the weights are never read)
+    (tmp_path / "siglip" / "config.json").write_text(json.dumps({"model_type": "siglip_vision_model",
+                                                                  "hidden_size": 16, "patch_size": 8}))
     return {"lm": tiny_backbones["lm"], "vit": tiny_backbones["image"], "photo": IMAGE, "tmp": str(tmp_path / "empty"),
-            "coco": str(coco_layout(tmp_path / "coco")), "bad_coco": str(bad)}
+            "coco": str(coco_layout(tmp_path / "coco")), "bad_coco": str(bad), "siglip": str(tmp_path / "siglip")}
 
 
 @pytest.mark.parametrize("script, args, words", TABLE, ids=[f"{s} {a}" for s, a, _ in TABLE])
