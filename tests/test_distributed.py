@@ -17,7 +17,8 @@ COMMON = ["--toy_train_samples=32", "--toy_eval_samples=10", "--batch_size=4", "
 
 
 def run(tiny_backbones, out_dir, *flags, procs=1, modality="image", lm=None):
-    launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
+    # --standalone: a free port for each launch, so two launches at once (pytest -n 2) do not collide
+    launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={procs}"]
     cmd = [*launcher, str(ROOT / "train.py"), f"--modality={modality}", f"--lm={lm or tiny_backbones['lm']}",
            f"--encoder={tiny_backbones[modality]}", f"--out_dir={out_dir}", *COMMON, *flags]
@@ -116,9 +117,10 @@ def test_fsdp_evaluation_survives_a_batch_with_nothing_decodable(tiny_backbones,
            f"--encoder={tiny_backbones['image']}", f"--out_dir={out}", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env).returncode == 0
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "train.py"),
-                        "--eval_only", "--fsdp", f"--out_dir={out}", "--batch_size=1", "--max_new_tokens=2",
-                        "--num_beams=1"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "train.py"), "--eval_only", "--fsdp", f"--out_dir={out}", "--batch_size=1",
+                        "--max_new_tokens=2", "--num_beams=1"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(lines(out / "predictions.jsonl")) == 2 and json.loads((out / "scores.json").read_text())["items"] == 2
     assert p.stderr.count(f"warning: skipped {broken}") == 1

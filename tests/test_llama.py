@@ -341,7 +341,8 @@ dist.destroy_process_group()
 def test_fsdp_shards_one_unit_per_layer_and_gives_the_same_logits(tmp_path):
     reference("llama-kv1-untied", tmp_path / "lm")
     (tmp_path / "run.py").write_text(FSDP_SCRIPT)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(tmp_path / "run.py"),
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "run.py"),
                         str(ROOT), str(tmp_path / "lm")], capture_output=True, text=True, timeout=180,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]

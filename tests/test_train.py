@@ -168,7 +168,7 @@ def test_checkpoint_survives_a_kill_during_save(tmp_path):
 def test_torchrun_two_processes_on_cpu(tiny_backbones, tmp_path):
     """DDP with the gloo backend: both ranks train, rank 0 writes the checkpoint and the scores."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "train.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
            "--modality=image", f"--lm={tiny_backbones['lm']}", f"--encoder={tiny_backbones['image']}",
            f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--toy_train_samples=32", "--toy_eval_samples=4",
            "--batch_size=4", "--blind_control=False", "--max_new_tokens=2"]
