@@ -276,3 +276,16 @@ def test_the_reading_test_fails_an_lm_that_does_not_read():
     assert all(s["attribute accuracy"] < 0.5 for s in scores.values()), scores
     summary = toy_pretrain.reading_summary(scores)
     assert summary.startswith("reads its context: image ") and "shape " in summary, summary
+
+
+def test_toy_py_builds_the_named_backbones_into_out(monkeypatch, tmp_path):
+    # `python toy.py lm ast --out DIR` (or --out=DIR): a rebuild beside the shipped files, to compare with them
+    calls = []
+    monkeypatch.setattr(toy_pretrain, "build", lambda names, out: calls.append((tuple(names), out)))
+    toy_pretrain.main(["lm", "--out", str(tmp_path), "ast"])
+    toy_pretrain.main([f"--out={tmp_path}"])
+    toy_pretrain.main(["llama"])
+    assert calls == [(("lm", "ast"), tmp_path), (toy_pretrain.BACKBONES, tmp_path), (("llama",), toy.TOY_DIR)]
+    for argv, words in [(["--out"], "--out: expected a folder"), (["gpt"], "toy backbone 'gpt' is not one of")]:
+        with pytest.raises(SystemExit, match=words):
+            toy_pretrain.main(argv)
