@@ -14,6 +14,7 @@ finished generating keeps stepping until all have (all_ranks_done).
 
 Reference: PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard) and torchtitan's use of it.
 """
+import gc
 import os
 
 import torch
@@ -40,6 +41,7 @@ def rank_and_world() -> tuple[int, int]:
 
 def finish() -> None:
     if dist.is_initialized():
+        gc.collect()  # loader iterators left in reference cycles stop their workers now, not at interpreter exit
         dist.barrier()  # rank 0 may still be scoring and writing: leave together
         dist.destroy_process_group()
 
