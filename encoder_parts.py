@@ -35,11 +35,9 @@ def config_from_dict(cls, d: dict):
     return cls(**kwargs)
 
 
-
 # encoders people reach for that have no [CLS] token for eP-ALM to inject (the method needs one per level)
-NO_CLS = {"siglip": "SigLIP pools through an attention head, it has no [CLS] token to inject",
-          "siglip_vision_model": "SigLIP pools through an attention head, it has no [CLS] token to inject",
-          "siglip2_vision_model": "SigLIP 2 pools through an attention head, it has no [CLS] token to inject"}
+NO_CLS = dict.fromkeys(("siglip", "siglip_vision_model", "siglip2_vision_model"),
+                       "SigLIP pools through an attention head, it has no [CLS] token to inject")
 
 
 def check_model_type(folder, raw: dict, accepted: tuple[str, ...], what: str) -> None:

@@ -376,8 +376,8 @@ def reading_test(lm: nn.Module, tokenizer, seed: int = 0) -> dict[str, dict[str,
 
 
 def reading_summary(scores: dict[str, dict[str, float]]) -> str:
-    """"reads image 100%, audio 84% (kind 38%), ...": each modality's attribute accuracy, and any attribute
-    under 95%."""
+    """Each modality's attribute accuracy and any attribute under 95%, e.g. "reads its context: image 100%,
+    audio 84% (kind 38%), video 100%"."""
     parts = []
     for m, acc in scores.items():
         weak = [f"{k.removesuffix(' accuracy')} {100 * v:.0f}%" for k, v in acc.items()
