@@ -73,7 +73,8 @@ class AST(nn.Module):
                                        c.feature_mean, c.feature_std) for w in waveforms])
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "AST":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None,
+                        quantization=None) -> "AST":
         folder = hub.resolve(name_or_path, extra_files=("preprocessor_config.json",))
         raw = hub.read_json(folder)
         check_model_type(folder, raw, ("audio-spectrogram-transformer",), "an audio encoder (AST)")
@@ -85,4 +86,4 @@ class AST(nn.Module):
         rules = [(r"^embeddings\.distillation_token$", "dist_token")] + HF_RULES
         state = rename_keys(fuse_qkv(hub.load_state_dict(folder)), rules,
                             prefixes=("audio_spectrogram_transformer.",), drop=("classifier.",))
-        return hub.build(cls, config, state, dtype, shard, source=str(folder))
+        return hub.build(cls, config, state, dtype, shard, str(folder), quantization)

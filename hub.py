@@ -5,7 +5,8 @@ huggingface_hub.hf_hub_download: one cache shared with transformers, and HF_HOME
 HF_ENDPOINT and HF_HUB_OFFLINE as they work there. "toy/lm" names a toy backbone in this clone, wherever it is. load_state_dict() reads safetensors or pytorch_model.bin with
 torch.load(weights_only=True, mmap=True), never a full unpickle, memory-mapped; load_weights() puts them
 strictly into a model built on the meta device, cast one tensor at a time, so a large LM is never held twice in
-memory, and into FSDP2-sharded blocks only the rows each process keeps. save_adapter() and load_adapter() write
+memory, and into FSDP2-sharded blocks only the rows each process keeps; build() quantizes linear layers as their
+weights are read (quantize.py). save_adapter() and load_adapter() write
 and read what eP-ALM trains, with the run's configuration as safetensors metadata; adapter_path() finds that file
 in a run's folder or downloads it from a hub repository, as resolve() downloads a backbone.
 
@@ -27,6 +28,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+import quantize
 import toy
 
 # in order of preference; an index names its shards in "weight_map"
@@ -155,14 +157,20 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def build(cls, config, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None, shard=None,
-          source: str = "") -> torch.nn.Module:
+          source: str = "", quantization: quantize.Quantization | None = None) -> torch.nn.Module:
     """How every backbone's from_pretrained makes its model: cls(config) on the meta device (no memory), shard
-    applied before any weight is read (FSDP units, see distributed.py), then state loaded in strictly, in dtype
-    (default float32), in eval mode."""
+    applied before any weight is read (FSDP units, see distributed.py), or its linear layers quantized as their
+    weights are read (quantize.py), then state loaded in strictly, in dtype (default float32), in eval mode."""
     with torch.device("meta"):
         model = cls(config)
+    if shard is not None and quantization is not None:
+        raise ValueError(f"{source or cls.__name__}: quantized weights cannot be sharded: FSDP2 shards floating-point "
+                         "parameters, and the quantized weights are integer buffers it would copy whole to every "
+                         "process")
     if shard is not None:
         shard(model)
+    if quantization is not None:
+        state = quantize.quantize_linears(model, state, quantization, dtype or torch.float32, source)
     return load_weights(model, state, dtype or torch.float32, source=source).eval()
 
 

@@ -191,8 +191,8 @@ class Llama(nn.Module):
         return [KVCache.zeros(shape, dtype, device) for _ in range(self.config.num_hidden_layers)]
 
     def logits(self, h: Tensor) -> Tensor:
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(self.norm(h), head.weight)
+        h = self.norm(h)  # an untied head is called as a module: it may be quantized (quantize.py)
+        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits of every position, without a cache (generation lives in generate.py)."""
@@ -212,7 +212,8 @@ class Llama(nn.Module):
         return self.logits(x)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "Llama":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None,
+                        quantization=None) -> "Llama":
         folder = hub.resolve(name_or_path, extra_files=("generation_config.json",))
         config = LlamaConfig.from_dict(hub.read_json(folder), hub.read_json(folder, "generation_config.json",
                                                                             required=False))
@@ -221,7 +222,7 @@ class Llama(nn.Module):
             if key == "lm_head.weight" and config.tie_word_embeddings:  # some tied checkpoints store it too
                 continue
             state[key.removeprefix("model.").replace("self_attn.", "").replace("mlp.", "")] = tensor
-        return hub.build(cls, config, state, dtype, shard, source=str(folder))
+        return hub.build(cls, config, state, dtype, shard, str(folder), quantization)
 
 
 @dataclass

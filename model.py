@@ -34,6 +34,7 @@ import opt
 from ast_audio import AST
 from generate import generate as generate_tokens
 from opt import causal_mask, position_ids
+from quantize import Quantization, parameter_count
 from timesformer import TimeSformer
 from vit import ViT
 
@@ -95,7 +96,7 @@ class EPALM(nn.Module):
 
     def parameter_report(self) -> str:
         n = sum(p.numel() for p in self.trainable_parameters())
-        total = sum(p.numel() for p in self.parameters())
+        total = parameter_count(self)  # a quantized weight counts as the parameters it stands for
         return f"trainable: {n:,} ({100 * n / total:.3f}% of {total:,})"
 
     # ---- the pieces ----
@@ -194,18 +195,24 @@ LANGUAGE_MODELS = {"opt": (opt.OPT, opt.load_tokenizer), **{t: (llama.Llama, lla
                                                            for t in llama.MODEL_TYPES}}
 
 
-def load_backbones(modality: str, lm_name: str, encoder_name: str, dtype: torch.dtype | None = None, shard=None):
+def load_backbones(modality: str, lm_name: str, encoder_name: str, dtype: torch.dtype | None = None, shard=None,
+                   quantize: str | None = None, group_size: int = 128, quantize_encoder: bool = False):
     """The frozen LM (the family config.json's model_type names), its tokenizer and the modality's frozen
     encoder, straight into `dtype`. shard: applied to each backbone on the meta device before its weights are
-    read (FSDP, see train.py)."""
+    read (FSDP, see train.py). quantize: None, "int8" or "int4" (groups of group_size inputs): the LM's linear
+    layers (and the encoder's, with quantize_encoder) quantized as their weights are read (quantize.py)."""
     if modality not in ENCODERS:
         raise ValueError(f"modality {modality!r}: expected one of {', '.join(ENCODERS)}")
+    if quantize_encoder and quantize is None:
+        raise ValueError("quantize_encoder: the encoder is quantized as the LM is, and quantize is None")
+    quantization = Quantization(quantize, group_size) if quantize is not None else None
     folder = str(hub.resolve(lm_name, extra_files=("tokenizer.json", "vocab.json", "merges.txt",
                                                    "generation_config.json")))
     kind = hub.read_json(folder).get("model_type")
     if kind not in LANGUAGE_MODELS:
         raise ValueError(f"{lm_name}: model_type {kind!r} is not a supported LM ({', '.join(LANGUAGE_MODELS)})")
     lm_class, load_tokenizer = LANGUAGE_MODELS[kind]
-    lm = lm_class.from_pretrained(folder, dtype=dtype, shard=shard)
-    encoder = ENCODERS[modality].from_pretrained(encoder_name, dtype=dtype, shard=shard)
+    lm = lm_class.from_pretrained(folder, dtype=dtype, shard=shard, quantization=quantization)
+    encoder = ENCODERS[modality].from_pretrained(encoder_name, dtype=dtype, shard=shard,
+                                                 quantization=quantization if quantize_encoder else None)
     return lm, load_tokenizer(folder), encoder

@@ -219,7 +219,8 @@ class OPT(nn.Module):
         return self.logits(x)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "OPT":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None,
+                        quantization=None) -> "OPT":
         folder = hub.resolve(name_or_path)
         config = OPTConfig.from_dict(hub.read_json(folder))
         state = {}
@@ -228,7 +229,7 @@ class OPT(nn.Module):
                 continue
             key = key.removeprefix("model.").removeprefix("decoder.").replace("self_attn.", "")
             state[key] = tensor
-        return hub.build(cls, config, state, dtype, shard, source=str(folder))
+        return hub.build(cls, config, state, dtype, shard, str(folder), quantization)
 
 
 def load_tokenizer(name_or_path: str):

@@ -127,14 +127,15 @@ class TimeSformer(nn.Module):
         return torch.stack([torch.stack([transform_image(f, self.transform) for f in c]) for c in clips])
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "TimeSformer":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None,
+                        quantization=None) -> "TimeSformer":
         folder = hub.resolve(name_or_path, extra_files=("preprocessor_config.json",))
         raw = hub.read_json(folder)
         check_model_type(folder, raw, ("timesformer",), "a video encoder (TimeSformer)")
         config = TimeSformerConfig.from_dict(raw)
         state = rename_keys(hub.load_state_dict(folder), HF_TIMESFORMER_RULES, prefixes=("timesformer.",),
                             drop=("classifier.",))
-        model = hub.build(cls, config, state, dtype, shard, source=str(folder))
+        model = hub.build(cls, config, state, dtype, shard, str(folder), quantization)
         processor = hub.read_json(folder, "preprocessor_config.json", required=False)
         if processor is not None:
             model.transform = transform_from_hf(processor, model.transform, int_size_is_square=False)

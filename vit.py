@@ -170,7 +170,8 @@ class ViT(nn.Module):
         return torch.stack([transform_image(im, self.transform) for im in images])
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None) -> "ViT":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, shard=None,
+                        quantization=None) -> "ViT":
         folder = hub.resolve(name_or_path, extra_files=("preprocessor_config.json",))
         raw = hub.read_json(folder)
         check_model_type(folder, raw, ("vit", "clip", "clip_vision_model", "dinov2"), "an image encoder")
@@ -186,7 +187,7 @@ class ViT(nn.Module):
         else:
             config = ViTConfig.from_dict(raw)
             state = rename_keys(fuse_qkv(state), HF_RULES, prefixes=("vit.",), drop=("pooler.", "classifier."))
-        model = hub.build(cls, config, state, dtype, shard, source=str(folder))
+        model = hub.build(cls, config, state, dtype, shard, str(folder), quantization)
         processor = hub.read_json(folder, "preprocessor_config.json", required=False)
         if layout in ("clip", "clip_vision_model", "dinov2"):  # their processors read an int size as the short side
             default = DINOV2_TRANSFORM if layout == "dinov2" else CLIP_TRANSFORM
