@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 
 import hub
+from quantize import parameter_count
 
 TASK_WORDS = {"caption": "captioning", "vqa": "question answering"}
 HUB_TASKS = {("image", "caption"): "image-to-text", ("image", "vqa"): "visual-question-answering",
@@ -79,7 +80,7 @@ def model_card(model, config: dict, command: list[str], scores: dict | None = No
     "iter"), command the arguments train.py was given, scores and blind the held-out scores of the run and of
     its blind control (None before the final evaluation), split the held-out split they were computed on."""
     trainable = sum(p.numel() for p in model.trainable_parameters())
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)  # a quantized weight counts as the parameters it stands for
     modality, task = config["modality"], config["task"]
     run = shlex.join(["python", "train.py", *command])
     question = ' --question "what is in it?"' if task == "vqa" else ""
@@ -96,7 +97,7 @@ tokens of the last {config['epalm']['num_levels']} blocks of the frozen encoder 
 through a linear connector into its layers {model.start} to {model.end - 1} (of {len(model.lm.layers)}), after a
 soft prompt of {config['epalm']['prompt_length']} vectors. Only those train: {trainable:,} parameters
 ({100 * trainable / total:.3f}% of {total:,}). `ckpt.safetensors` holds them with the run's configuration as
-metadata; that configuration names the backbones, which load from where it says.
+metadata; that configuration names the backbones, which load from where it says{quantized(config)}.
 
 ## Use
 
@@ -120,6 +121,16 @@ Data: {data}. Iterations: {config['iter']:,}.
     else:
         text += "Not scored yet: the scores are written when the run ends.\n"
     return text
+
+
+def quantized(config: dict) -> str:
+    """How the frozen backbones were quantized in training (sample.py loads them so too), as a clause."""
+    mode = config.get("quantize")
+    if not mode:
+        return ""
+    group = f", groups of {config['quantize_group_size']} inputs" if mode == "int4" else ""
+    what = "the LM's and the encoder's" if config.get("quantize_encoder") else "the LM's"
+    return f", {what} linear layers in weight-only {mode}{group}, as in training"
 
 
 def write_card(run_dir: Path, text: str) -> None:

@@ -30,11 +30,18 @@ def save(run_dir: Path, model, optimizer, scaler, config: dict, command: list[st
     card.write_card(run_dir, card.model_card(model, config, command, scores, blind, split))
 
 
-def load(run_dir: Path, model, optimizer, scaler) -> int:
-    """Restore state.pt into the model's adapter, the optimizer, the scaler and the RNG; returns the iteration."""
+def load(run_dir: Path, model, optimizer, scaler, quantization: dict | None = None) -> int:
+    """Restore state.pt into the model's adapter, the optimizer, the scaler and the RNG; returns the iteration.
+    quantization (train.quantization()): this run's, which must be the checkpoint's for the resumed run to be the
+    one that was stopped."""
     path = run_dir / "state.pt"
     if not path.exists():
         configurator.fail(f"--init_from=resume: no {path} (train first, or check --out_dir)")
+    if quantization is not None and (run_dir / "ckpt.safetensors").exists():
+        saved = flags(backbone_quantization(hub.load_adapter(run_dir / "ckpt.safetensors")[1]))
+        if saved != flags(quantization):
+            configurator.fail(f"--init_from=resume: {run_dir} was trained with {saved}, this run has "
+                              f"{flags(quantization)}: resume with the same settings")
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
@@ -52,13 +59,35 @@ def load(run_dir: Path, model, optimizer, scaler) -> int:
     return state["iter"]
 
 
-def load_model(name_or_path, dtype: torch.dtype | None = None, shard=None):
+def backbone_quantization(config: dict, overrides: dict | None = None) -> dict:
+    """quantize (None, int8 or int4), quantize_group_size and quantize_encoder as a run configuration records
+    them (train.quantization; a checkpoint older than quantization has none), under overrides."""
+    q = {"quantize": None, "quantize_group_size": 128, "quantize_encoder": False}
+    q.update({k: config[k] for k in q if k in config})
+    q.update(overrides or {})
+    mode = None if q["quantize"] == "none" else q["quantize"]
+    return {**q, "quantize": mode, "quantize_encoder": bool(mode and q["quantize_encoder"])}
+
+
+def flags(quantization: dict) -> str:
+    """What makes the quantized backbones what they are, as train.py's flags (int8 has no groups)."""
+    mode = quantization["quantize"] or "none"
+    group = f" --quantize_group_size {quantization['quantize_group_size']}" if mode == "int4" else ""
+    return f"--quantize {mode}{group}" + (" --quantize_encoder" if quantization["quantize_encoder"] else "")
+
+
+def load_model(name_or_path, dtype: torch.dtype | None = None, shard=None, quantization: dict | None = None):
     """(EPALM, tokenizer, run configuration) rebuilt from an adaptation checkpoint (its file, a run's folder or
-    a hub repository, see hub.adapter_path): its configuration names the backbones, which load as in training."""
+    a hub repository, see hub.adapter_path): its configuration names the backbones, which load as in training,
+    quantized as in training unless quantization (quantize, quantize_group_size, quantize_encoder) says
+    otherwise; the configuration returned says how they were loaded."""
     path = hub.adapter_path(name_or_path)
     state, config = hub.load_adapter(path)
+    config = {**config, **backbone_quantization(config, quantization)}
     try:
-        lm, tokenizer, encoder = load_backbones(config["modality"], config["lm"], config["encoder"], dtype, shard)
+        lm, tokenizer, encoder = load_backbones(config["modality"], config["lm"], config["encoder"], dtype, shard,
+                                                config["quantize"], config["quantize_group_size"],
+                                                config["quantize_encoder"])
     except (OSError, ValueError) as e:  # ConnectionError and FileNotFoundError are OSErrors
         raise (ValueError if isinstance(e, ValueError) else OSError)(
             f"{name_or_path}: the backbones it names do not load: {e}") from None

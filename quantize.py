@@ -49,6 +49,16 @@ class Quantization:
             raise ValueError(f"int4 group size {self.group_size}: expected one of {', '.join(map(str, GROUP_SIZES))}")
 
 
+def cpu_dtype_problem(mode: str, dtype: str, device: str) -> str | None:
+    """Why weights quantized to mode should not run in dtype on device (None: they can): on a CPU every matmul
+    dequantizes into the compute dtype, and bf16 / fp16 matmuls run hundreds of times slower than float32 on the
+    CPUs this project is tested on."""
+    if mode in MODES and dtype != "float32" and device.startswith("cpu"):
+        return (f"--quantize {mode} with --dtype {dtype} on a CPU: the quantized weights are dequantized into "
+                f"{dtype} for every matmul, which CPUs run hundreds of times slower than float32: use --dtype float32")
+    return None
+
+
 def _nonzero(scales: Tensor) -> Tensor:
     return scales.masked_fill(scales == 0, 1)  # an all-zero row or group (or an underflow): q = 0 reads back 0
 

@@ -19,6 +19,8 @@ import torch
 
 import configurator
 import data
+import hub
+import quantize as quantization
 from checkpoint import load_model
 
 image = []                  # files to caption or ask about, all generated for in one batch
@@ -34,6 +36,8 @@ max_new_tokens: int | None = None  # None: as train.py evaluated the checkpoint
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # CPUs without bf16 instructions: fp32
+quantize: str | None = None  # None: as the checkpoint was trained; none | int8 | int4, the frozen LM (quantize.py)
+quantize_group_size: int | None = None  # int4: inputs sharing a scale and a zero (32, 64, 128); None: the checkpoint's
 debug = False               # show the traceback of errors (EPALM_DEBUG=1 too), not only their one line
 
 
@@ -62,6 +66,11 @@ def check_settings(s: dict) -> None:
     for k in ("top_k", "top_p"):
         if s[k] is not None and s["temperature"] == 0:
             configurator.fail(f"--{k} {s[k]} filters what sampling draws from: give --temperature above 0 too")
+    if s["quantize"] not in (None, "none", *quantization.MODES):
+        configurator.fail(f"--quantize {s['quantize']}: expected one of none, {', '.join(quantization.MODES)}")
+    if s["quantize_group_size"] not in (None, *quantization.GROUP_SIZES):
+        configurator.fail(f"--quantize_group_size {s['quantize_group_size']}: expected one of "
+                          f"{', '.join(map(str, quantization.GROUP_SIZES))}")
     if s["temperature"] > 0 and (s["num_beams"] or 1) > 1:
         configurator.fail(f"--num_beams {s['num_beams']} searches, --temperature {s['temperature']} samples: "
                           "give one of them")
@@ -75,8 +84,15 @@ def main(args: dict) -> int:
     if not args["checkpoint"] and not Path(path, "ckpt.safetensors").exists():
         configurator.fail(f"no checkpoint at {path}/ckpt.safetensors: train one first with `python train.py "
                           f"--modality {modality} --task {task}`, or pass --checkpoint")
-    # a file, a run's folder or a hub repository (hub.adapter_path); what cannot load is a one-line error (run)
-    model, tokenizer, config = load_model(path, dtype=getattr(torch, args["dtype"]))
+    # a file, a run's folder or a hub repository (hub.adapter_path); what cannot load is a one-line error (run).
+    # The checkpoint's quantization, unless given, decides whether --dtype suits the device: read it first
+    trained = hub.load_adapter(hub.adapter_path(path))[1]
+    overrides = {k: args[k] for k in ("quantize", "quantize_group_size") if args[k] is not None}
+    problem = quantization.cpu_dtype_problem(overrides.get("quantize", trained.get("quantize")), args["dtype"],
+                                             args["device"])
+    if problem:
+        configurator.fail(problem)
+    model, tokenizer, config = load_model(path, dtype=getattr(torch, args["dtype"]), quantization=overrides)
     if config["modality"] != modality:
         configurator.fail(f"{path} was trained on {config['modality']}, not {modality}")
     if config.get("task") == "vqa" and not args["question"]:

@@ -87,6 +87,9 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = torch.cuda.is_available()
 fsdp = False                # shard the frozen LM and encoder over the processes (FSDP2) instead of replicating them
+quantize = "none"           # none | int8 | int4: the frozen LM's linear layers in weight-only 8 or 4 bits (quantize.py)
+quantize_group_size = 128   # int4: how many inputs of a row share a scale and a zero (32, 64 or 128)
+quantize_encoder = False    # the encoder's linear layers too, as --quantize says
 debug = False               # show the traceback of errors (EPALM_DEBUG=1 too), not only their one line
 
 
@@ -133,7 +136,14 @@ def run_config() -> dict:
             # the toy backbones by their place in the clone, so that a run folder loads in any clone (hub.py)
             "lm": lm or "toy/lm", "encoder": encoder or f"toy/{toy.encoder_dir(modality).name}",
             **{k: globals()[k] for k in ("num_beams", "max_new_tokens", "seed", "toy_eval_samples")},
-            "epalm": epalm_config().__dict__}
+            **quantization(), "epalm": epalm_config().__dict__}
+
+
+def quantization() -> dict:
+    """How the frozen backbones are quantized, as run_config records it (quantize: None, int8 or int4) and
+    checkpoint.load_model reads it back."""
+    return {"quantize": None if quantize == "none" else quantize, "quantize_group_size": quantize_group_size,
+            "quantize_encoder": quantize_encoder}
 
 
 def eval_config() -> EvalConfig:
@@ -183,7 +193,9 @@ def batches(examples, features, tokenizer, transform, first_step: int, blind: bo
 def build_model():
     cfg = run_config()
     lm_, tokenizer, encoder_ = load_backbones(modality, cfg["lm"], cfg["encoder"], dtype=weights_dtype,
-                                              shard=distributed.shard_blocks if fsdp else None)
+                                              shard=distributed.shard_blocks if fsdp else None,
+                                              quantize=cfg["quantize"], group_size=quantize_group_size,
+                                              quantize_encoder=quantize_encoder)
     if inject == "late" and num_levels > len(encoder_.layers):
         configurator.fail(f"--num_levels {num_levels}: more levels than the {len(encoder_.layers)} blocks of "
                           f"the encoder")
@@ -246,6 +258,8 @@ def cached_features(model, train_ex, eval_ex, transform):
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
                      for f in hub.resolve(run_config()["encoder"]).iterdir() if f.is_file())
     key = f"{run_config()['encoder']}|{weights}|{transform}|K={model.config.num_levels}|{dataset}"
+    if quantize_encoder:  # other features than the full-precision encoder's
+        key += f"|{quantize}-{quantize_group_size}"
     out = []
     for examples, split in ((train_ex, "train"), (eval_ex, "eval")):
         with autocast:
@@ -269,7 +283,7 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool, resum
     optimizer = make_optimizer(model)
     # float16 (GPUs without bf16) needs its loss scaled so that small gradients do not underflow to zero
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    it = checkpoint.load(run_dir, model, optimizer, scaler) if resume else 0
+    it = checkpoint.load(run_dir, model, optimizer, scaler, quantization()) if resume else 0
     fwd = torch.compile(model) if compile else model
     if ddp:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device] if device_type == "cuda" else None)
@@ -378,7 +392,8 @@ def main():
 def run_eval_only():
     """Score the checkpoint in out_dir (its modality, task and data set were read with the settings)."""
     model, tokenizer, _ = checkpoint.load_model(out_dir / "ckpt.safetensors", dtype=weights_dtype,
-                                                shard=distributed.shard_blocks if fsdp else None)
+                                                shard=distributed.shard_blocks if fsdp else None,
+                                                quantization=quantization())
     model.to(device)
     model = distributed.shard_root(model) if fsdp else model
     _, eval_ex = load_examples(train_split=False)

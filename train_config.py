@@ -2,7 +2,8 @@
 
 - `--dataset toy` (the default): the miniature world's preset (toy.train_preset) under what the user chose;
 - a real data set: its modality and task (a contradiction is an error) and, unless given, the paper's backbones;
-- `--eval_only`: the checkpoint's own data set, modality, task and evaluation settings (hub ids too);
+- `--eval_only`: the checkpoint's own data set, modality, task, evaluation and quantization settings (hub ids
+  too);
 - every value checked where it can be: ranges, combinations, the data set's folder and splits, each a one-line
   error naming the setting (configurator.fail). The injection window's fit to the LM is checked once the LM is
   loaded (model.injection_window).
@@ -14,6 +15,7 @@ import benchmarks
 import configurator
 import data
 import hub
+import quantize
 import toy
 
 PAPER_BACKBONES = {"lm": "facebook/opt-2.7b", "image": "google/vit-base-patch16-224",
@@ -34,7 +36,7 @@ def resolve(argv: list[str], defaults: dict, types: dict, doc: str) -> dict:
         chosen.update(checkpoint_settings(chosen, defaults))
     for k, allowed in [("modality", data.MODALITIES), ("task", ("caption", "vqa")), ("inject", ("late", "input")),
                        ("init_from", ("scratch", "resume")), ("dataset", ("toy", *benchmarks.DATASETS)),
-                       ("dtype", ("float32", "bfloat16", "float16"))]:
+                       ("dtype", ("float32", "bfloat16", "float16")), ("quantize", ("none", *quantize.MODES))]:
         if chosen.get(k, defaults[k]) not in allowed:
             configurator.fail(f"--{k} {chosen[k]}: expected one of {', '.join(allowed)}")
     notes = []  # said once the settings are known to be good
@@ -97,6 +99,19 @@ def check(s: dict) -> None:
         if end - start < s["num_levels"]:
             configurator.fail(f"--num_levels {s['num_levels']}: more levels than the {end - start} layers of the "
                               f"injection window [{start}, {end}) (--inject_start, --inject_end)")
+    if s["quantize_group_size"] not in quantize.GROUP_SIZES:
+        configurator.fail(f"--quantize_group_size {s['quantize_group_size']}: expected one of "
+                          f"{', '.join(map(str, quantize.GROUP_SIZES))}")
+    if s["quantize_encoder"] and s["quantize"] == "none":
+        configurator.fail("--quantize_encoder quantizes the encoder as --quantize does the LM: give --quantize int8 "
+                          "or int4 too")
+    if s["fsdp"] and s["quantize"] != "none":
+        configurator.fail(f"--quantize {s['quantize']} with --fsdp: FSDP2 shards floating-point parameters, and the "
+                          "quantized weights are integer buffers it would copy whole to every process; quantized, "
+                          "one GPU holds the LM (OPT-6.7B in int4: 3.9 GB): run without --fsdp")
+    problem = quantize.cpu_dtype_problem(s["quantize"], s["dtype"], s["device"])
+    if problem:
+        configurator.fail(problem)
     if s["fsdp"] and s["blind_control"]:
         configurator.fail("--blind_control needs a second adapter around the same backbones, which FSDP cannot "
                           "shard twice: run the control without --fsdp")
@@ -135,5 +150,6 @@ def checkpoint_settings(chosen: dict, defaults: dict) -> dict:
         os.replace(out / "ckpt.safetensors.tmp", out / "ckpt.safetensors")
     return {"out_dir": str(out), **{k: trained[k] for k in ("modality", "task", "dataset")},
             "data_dir": chosen.get("data_dir", trained.get("data_dir", "")),
-            **{k: trained[k] for k in ("num_beams", "max_new_tokens", "seed", "toy_eval_samples")
-               if k in trained and k not in chosen}}
+            **{k: trained[k] for k in ("num_beams", "max_new_tokens", "seed", "toy_eval_samples", "quantize_group_size",
+                                       "quantize_encoder") if k in trained and k not in chosen},
+            **({} if "quantize" in chosen else {"quantize": trained.get("quantize") or "none"})}
