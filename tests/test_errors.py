@@ -51,6 +51,13 @@ TABLE = [
      "(AST): expected audio-spectrogram-transformer"),
     ("train.py", "--lm {lm} --encoder {siglip}", "{siglip}: model_type 'siglip_vision_model' is not an image encoder: "
      "SigLIP pools through an attention head, it has no [CLS] token to inject"),
+    ("train.py", "--fsdp --quantize int8", "--quantize int8 with --fsdp: FSDP2 shards floating-point parameters"),
+    ("train.py", "--quantize int4 --dtype bfloat16", "--quantize int4 with --dtype bfloat16 on a CPU: the quantized "
+     "weights are dequantized into bfloat16 for every matmul"),
+    ("train.py", "--quantize_encoder", "--quantize_encoder quantizes the encoder as --quantize does the LM"),
+    ("train.py", "--quantize int4 --quantize_group_size 32 --lm {lm} --encoder {vit}", "layers.0.q_proj has 16 "
+     "inputs, which int4 groups of 32 do not divide (group sizes that do: none)"),
+    ("sample.py", "--image {photo} --quantize int3", "--quantize int3: expected one of none, int8, int4"),
     ("sample.py", "--image {photo} --max_new_tokens -1", "--max_new_tokens -1: expected at least 1"),
     ("sample.py", "--image {photo} --num_beams 0", "--num_beams 0: expected at least 1"),
     ("sample.py", "--image {photo} --temperature -1", "--temperature -1.0: expected at least 0"),

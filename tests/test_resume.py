@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
+from hub import load_adapter
 from test_train import run_train
 
 AUGMENTED = ["--augment=True", "--cache_features=False", "--eval_interval=3", "--lr_decay_iters=6",
@@ -131,3 +132,24 @@ def test_sigterm_checkpoints_after_the_current_step_and_resume_is_exact(tiny_bac
     assert 3 <= it < 40
     run_train(tiny_backbones, out, *flags, "--init_from=resume")
     assert_same_adapter(tmp_path / "straight", out)
+
+
+@pytest.mark.slow
+def test_a_quantized_run_resumes_exactly_and_is_scored_as_trained(tiny_backbones, tmp_path):
+    """--quantize int8: the checkpoint records it, 2 + 2 iterations equal 4, --eval_only rebuilds the same
+    quantized LM (the same scores), and resuming without the setting is refused."""
+    common = ["--quantize=int8", "--eval_interval=2", "--lr_decay_iters=4", "--warmup_iters=1", "--eval_samples=2",
+              "--lr=1e-2", "--prompt_lr=1e-2"]
+    run_train(tiny_backbones, tmp_path / "straight", "--max_iters=4", *common)
+    run_train(tiny_backbones, tmp_path / "resumed", "--max_iters=2", *common)
+    run_train(tiny_backbones, tmp_path / "resumed", "--max_iters=4", "--init_from=resume", *common)
+    assert_same_adapter(tmp_path / "straight", tmp_path / "resumed")
+    _, config = load_adapter(tmp_path / "straight" / "ckpt.safetensors")
+    assert (config["quantize"], config["quantize_encoder"]) == ("int8", False)
+    scores = json.loads((tmp_path / "straight" / "scores.json").read_text())
+    (tmp_path / "straight" / "scores.json").unlink()
+    run_train(tiny_backbones, tmp_path / "straight", "--eval_only", "--eval_samples=2")  # its quantization
+    assert json.loads((tmp_path / "straight" / "scores.json").read_text()) == scores
+    p = run_train(tiny_backbones, tmp_path / "resumed", "--max_iters=6", "--init_from=resume", check=False)
+    assert p.returncode != 0
+    assert "was trained with --quantize int8, this run has --quantize none" in p.stderr.strip().splitlines()[-1]

@@ -203,8 +203,8 @@ def test_a_real_data_set_layout_end_to_end_scores_the_whole_split(tiny_backbones
 
 
 def test_eval_only_takes_the_runs_evaluation_settings(tmp_path):
-    """--eval_only rebuilds the toy held-out set from the run's seed and size and decodes as the run did, unless
-    told otherwise; a checkpoint from before these were recorded gets the toy preset's."""
+    """--eval_only rebuilds the toy held-out set from the run's seed and size, decodes and quantizes as the run
+    did, unless told otherwise; a checkpoint from before these were recorded gets the toy preset's."""
     import train
     run = {"modality": "audio", "task": "caption", "dataset": "toy", "data_dir": "", "lm": "", "encoder": "",
            "epalm": {}}
@@ -218,6 +218,15 @@ def test_eval_only_takes_the_runs_evaluation_settings(tmp_path):
     save_adapter(torch.nn.Linear(1, 1), tmp_path / "ckpt.safetensors", run)
     s = train.configure(["--eval_only", "--out_dir", str(tmp_path)])
     assert [s[k] for k in keys] == ["audio", 1, 16, 1337, 300]
+    assert s["quantize"] == "none"  # from before quantization: full precision
+    # the frozen LM quantized as in training, unless told otherwise
+    save_adapter(torch.nn.Linear(1, 1), tmp_path / "ckpt.safetensors",
+                 {**run, "quantize": "int4", "quantize_group_size": 64, "quantize_encoder": True})
+    keys = ("quantize", "quantize_group_size", "quantize_encoder")
+    s = train.configure(["--eval_only", "--out_dir", str(tmp_path)])
+    assert [s[k] for k in keys] == ["int4", 64, True]
+    s = train.configure(["--eval_only", "--out_dir", str(tmp_path), "--quantize", "int8"])
+    assert [s[k] for k in keys] == ["int8", 64, True]
 
 
 def test_a_real_data_set_takes_its_modality_and_the_papers_backbones(tmp_path, capsys):
