@@ -10,13 +10,16 @@ ratios mean anything.
   python bench.py --device cuda      # accelerator: OPT-2.7B + ViT-B and OPT-6.7B + ViT-L, bf16, compile, MFU
   python bench.py --generation       # only generation (with --device cuda: the accelerator's, batch 1/16/64)
   python bench.py --llama            # only the Llama rows (SmolLM2-135M's shape): forward, +backward, generation
+  python bench.py --quantize         # int8 and int4 against full precision (with --device cuda: on the GPU)
 
 Sections (JSON keys): matmul (this machine's own fp32 matmul FLOP/s), backbones (forward, LM forward+backward),
 train_step (plain / cached encoder features / prompt off / compile, with MFU), generate (greedy and 3 beams vs
 transformers' generate, at a real LM's shapes and on a small LM where per-step overhead shows; the Llama family at
 SmolLM2-135M's shape in the full run, backbones too), memory (peak of one training step with frozen weights in bf16
 vs fp32), accelerator (training step; generation with 3 beams, and the projected time to caption COCO's 5,000 test
-images).
+images); with --quantize: quantize_bytes (bytes per parameter of the paper's LMs), quantize (int8 / int4 against fp32:
+logit error, greedy agreement, training step and generation; the toy LMs' reading test), quantize_loading (peak
+memory while loading), accelerator_quantize (the pt-L step, its memory and generation on a GPU).
 
 References: karpathy/nanoGPT bench.py; PaLM (Chowdhery et al. 2022) appendix B for model FLOPs utilisation.
 """
@@ -36,10 +39,12 @@ import torch
 import torch.nn.functional as F
 
 import hub
+import quantize
 from ast_audio import AST
-from llama import Llama
+from llama import Llama, LlamaConfig
 from model import EPALM, EPALMConfig
 from opt import OPT, OPTConfig
+from quantize import Quantization, parameter_count
 from timesformer import TimeSformer
 from vit import ViT, ViTConfig
 
@@ -50,14 +55,18 @@ MODES = {
     "tiny": dict(lms=["tiny"], llama_lms=["llama-tiny"], encoders=["tiny"], lm_batch=2, text=8, vit_batch=2,
                  ast_batch=1, video_batch=1, step_batch=2, prompt=2, levels=2, repeats=1,
                  gen_lms=[("tiny", 2, 1), ("small", 2, 1), ("llama-tiny", 2, 1)],
-                 gen_prompt=4, gen_new=4, compile=False, matmul_n=128),
+                 gen_prompt=4, gen_new=4, compile=False, matmul_n=128, quant_lms=["tiny", "llama-tiny"],
+                 quant_labels=("int8", "int4-g32"), quant_toy=False, quant_load=("opt", "tiny")),
     "quick": dict(lms=["opt-125m"], llama_lms=[], encoders=["base"], lm_batch=8, text=32, vit_batch=2, ast_batch=1,
                   video_batch=1, step_batch=4, prompt=10, levels=6, repeats=2, gen_prompt=8, gen_new=30,
-                  gen_lms=[("opt-125m", 8, 2), ("small", 16, 15)], compile=False, matmul_n=1024),
+                  gen_lms=[("opt-125m", 8, 2), ("small", 16, 15)], compile=False, matmul_n=1024,
+                  quant_lms=["opt-125m"], quant_labels=("int8", "int4-g32", "int4-g128"), quant_toy=True, quant_load=("opt", "opt-350m")),
     "full": dict(lms=["opt-125m", "opt-350m"], llama_lms=["smollm2-135m"], encoders=["base"], lm_batch=8, text=32,
                  vit_batch=8, ast_batch=2, video_batch=1, step_batch=8, prompt=10, levels=6, repeats=5,
                  gen_prompt=8, gen_new=30, gen_lms=[("opt-125m", 8, 5), ("small", 16, 25), ("smollm2-135m", 8, 5)],
-                 compile=True, matmul_n=2048),
+                 compile=True, matmul_n=2048, quant_lms=["opt-125m", "smollm2-135m"],
+                 quant_labels=("int8", "int4-g32", "int4-g128"), quant_toy=True,
+                 quant_load=("opt", "opt-1.3b")),
 }
 TINY_OPT = dict(vocab_size=512, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
                 max_position_embeddings=128, word_embed_proj_dim=32)
@@ -614,6 +623,234 @@ def bench_accelerator_generate(repeats: int, notes: list, device: str = "cuda", 
     return out
 
 
+# ---------------------------------------------------------------------------------------------- quantization
+
+# the paper's LMs at their official shapes (config.json); Llama-3.2-1B and Qwen2.5-1.5B tie their head
+PAPER_LMS = {
+    "opt-2.7b": (OPT, OPTConfig.from_name("opt-2.7b")),
+    "opt-6.7b": (OPT, OPTConfig.from_name("opt-6.7b")),
+    "llama-3.2-1b": (Llama, LlamaConfig.from_dict(dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_theta=500000.0, eos_token_id=128001))),
+    "qwen2.5-1.5b": (Llama, LlamaConfig.from_dict(dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_theta=1000000.0, eos_token_id=151643))),
+}
+QUANTIZATIONS = {"int8": Quantization("int8"), "int4-g32": Quantization("int4", 32),
+                 "int4-g64": Quantization("int4", 64), "int4-g128": Quantization("int4", 128)}
+
+
+def meta_lm(cls, config, quantization: Quantization | None, dtype=torch.bfloat16):
+    """The LM as loading builds it (hub.build: meta device, linear layers quantized), in dtype, without weights."""
+    with torch.device("meta"):
+        lm = cls(config)
+    if quantization is not None:
+        quantize.quantize_linears(lm, {}, quantization, dtype)
+    return lm.to(dtype)
+
+
+def bench_quantize_bytes(lms=tuple(PAPER_LMS)) -> dict:
+    """Bytes per parameter of the paper's LMs in bf16 and quantized, on the meta device: every parameter and buffer
+    (scales and zeros included; embeddings, norms and biases in bf16) over the full-precision parameter count."""
+    out = {}
+    for name in lms:
+        cls, config = PAPER_LMS[name]
+        lm = meta_lm(cls, config, None)
+        params, embedding = parameter_count(lm), lm.embed_tokens.weight.numel()
+        row = {"params": params, "embedding_share": embedding / params}
+        for label, q in {"bf16": None, **QUANTIZATIONS}.items():
+            size = quantize.model_bytes(meta_lm(cls, config, q))
+            row[label] = {"bytes_per_param": size / params, "gb": size / 1e9}
+        out[name] = row
+    return out
+
+
+def save_lm(kind: str, name: str, folder: Path, dtype=torch.float32) -> None:
+    """transformers' LM with random weights at a shape of hf_config, in the hub layout (safetensors)."""
+    import transformers
+    torch.manual_seed(0)
+    cls = transformers.LlamaForCausalLM if kind == "llama" else transformers.OPTForCausalLM
+    cls(hf_config(kind, name)).to(dtype).save_pretrained(folder)
+
+
+def load_child(folder: str, mode: str) -> dict:
+    """Run in a fresh process: load the LM in folder as train.py does on a CPU (float32; mode "none", or quantized
+    while loading) while a thread samples the anonymous resident memory (the file's pages are memory-mapped and
+    can be dropped, so RssAnon is what the process needs); then its bytes."""
+    def anon() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) * 1024
+    base, peak, running = anon(), [0], [True]
+
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], anon())
+            time.sleep(0.001)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    kind = hub.read_json(folder)["model_type"]
+    cls = OPT if kind == "opt" else Llama
+    lm = cls.from_pretrained(folder, quantization=None if mode == "none" else QUANTIZATIONS[mode])
+    running[0] = False
+    sampler.join()
+    largest = max(m.in_features * m.out_features for m in lm.modules() if hasattr(m, "in_features"))
+    return {"model_bytes": quantize.model_bytes(lm), "peak_extra_bytes": peak[0] - base,
+            "largest_weight_fp32_bytes": 4 * largest, "layer_fp32_bytes": 4 * parameter_count(lm.layers[0])}
+
+
+def bench_quantize_loading(kind: str, name: str, notes: list, modes=("none", "int8", "int4-g128")) -> dict:
+    """Peak memory while loading a float16 checkpoint (the official OPT files' dtype) in full precision and quantized,
+    each in a fresh process."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
+        save_lm(kind, name, Path(tmp), torch.float16)
+        for mode in modes:
+            res = subprocess.run([sys.executable, os.path.abspath(__file__), "--load-child", tmp, mode],
+                                 capture_output=True, text=True, timeout=1800)
+            if res.returncode != 0:
+                raise RuntimeError(f"bench.py --load-child {mode} failed: {res.stderr.strip().splitlines()[-1:]}")
+            out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    notes.append(f"quantize loading: {name} written in float16 by transformers, loaded in a fresh process per row "
+                 "(float32 on a CPU); peak = the anonymous resident memory sampled every 1 ms over the start")
+    return out
+
+
+def bench_quantize(mode: dict, notes: list, device: str = "cpu") -> dict:
+    """Quantized LMs against the full-precision one they were loaded from (random weights at a real shape, each
+    run alternating with the others): logit error and top-1 agreement on a batch, greedy agreement over gen_new
+    tokens, the eP-ALM training step (cached features, prompt on: the gradient crosses every layer) and greedy
+    generation, all in the same run; the toy LMs' reading test (trained weights)."""
+    import toy_pretrain
+    from opt import load_tokenizer
+    from llama import load_tokenizer as load_llama_tokenizer
+    out = {}
+    B, T, P, R, new = mode["step_batch"], mode["text"], mode["prompt"], mode["repeats"], mode["gen_new"]
+    for name in mode["quant_lms"]:
+        kind = lm_kind(name)
+        with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
+            save_lm(kind, name, Path(tmp))
+            cls = Llama if kind == "llama" else OPT
+            lms = {"fp32": cls.from_pretrained(tmp)}
+            lms.update({label: cls.from_pretrained(tmp, quantization=QUANTIZATIONS[label])
+                        for label in mode["quant_labels"]})
+        vocab = lms["fp32"].config.vocab_size
+        torch.manual_seed(1)
+        ids = torch.randint(4, vocab, (B, T))
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            logits = {k: lm(ids) for k, lm in lms.items()}
+        tokens = {k: lm_only(lm).generate(None, ids, mask, max_new_tokens=new, eos_token_id=-1)
+                  for k, lm in lms.items()}
+        ref, ref_tokens = logits["fp32"], torch.tensor(tokens["fp32"])
+        row = {}
+        for k in lms:
+            got = torch.tensor(tokens[k])
+            row[k] = {"logit_rel_error": ((logits[k] - ref).norm() / ref.norm()).item(),
+                      "top1_agreement": (logits[k].argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                      "greedy_token_agreement": (got == ref_tokens).float().mean().item(),
+                      "greedy_same_rows": int((got == ref_tokens).all(1).sum()),
+                      "bytes_per_param": quantize.model_bytes(lms[k]) / parameter_count(lms[k])}
+        # speed: the training step and greedy generation, every LM in the same alternation
+        encoder = torch.nn.Linear(1, 1)
+        encoder.hidden_size = 64
+        feats = torch.randn(B, mode["levels"], 64)
+        steps, gens = {}, {}
+        for k, lm in lms.items():
+            torch.manual_seed(0)
+            model = EPALM(lm, encoder, EPALMConfig(num_levels=mode["levels"], prompt_length=P))
+            steps[k] = step_fn(model, None, ids, mask, feats)
+            gens[k] = (lambda m: lambda: m.generate(None, ids, mask, max_new_tokens=new, eos_token_id=-1))(
+                lm_only(lm))
+        t_step, t_gen = alternate(steps, R, device), alternate(gens, R, device)
+        for k in lms:
+            row[k].update(step_s=t_step[k], step_vs_fp32=t_step[k] / t_step["fp32"], greedy_s=t_gen[k],
+                          greedy_vs_fp32=t_gen[k] / t_gen["fp32"])
+        out[name] = row
+        del lms, steps, gens
+    toy = {}
+    for lm_dir, load_tok in (("lm", load_tokenizer), ("llama", load_llama_tokenizer)) if mode["quant_toy"] else ():
+        folder = str(Path(__file__).parent / "toy" / lm_dir)
+        tokenizer = load_tok(folder)
+        cls = Llama if lm_dir == "llama" else OPT
+        for label, q in {"fp32": None, "int8": QUANTIZATIONS["int8"], "int4-g32": QUANTIZATIONS["int4-g32"],
+                         "int4-g128": QUANTIZATIONS["int4-g128"]}.items():
+            scores = toy_pretrain.reading_test(cls.from_pretrained(folder, quantization=q), tokenizer)
+            toy.setdefault(f"toy {lm_dir}", {})[label] = {
+                "reading_attribute_accuracy": statistics.mean(v["attribute accuracy"] for v in scores.values()),
+                **{f"reading_{m}": v["attribute accuracy"] for m, v in scores.items()}}
+    if toy:
+        out["toy_reading"] = toy
+    notes.append(f"quantize: random weights (transformers' init) at real shapes, so logits are flat and top-1 "
+                 f"agreement understates what trained LMs keep; batch {B} x {T} tokens, {new} greedy tokens; step = "
+                 f"cached features, {P} prompt vectors; ratios are the quantized time over fp32's (CPU dequantizes "
+                 f"every matmul); toy rows: the reading test of toy_pretrain on the shipped trained toy LMs")
+    return out
+
+
+def random_backbone(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """A model built on the meta device given random weights on device (no checkpoint: writing OPT-6.7B would take
+    minutes of a GPU lease): floats N(0, 0.02), quantized weights uniform over their codes, scales of a similar
+    size. For speed and memory only."""
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.normal_(0, 0.02)
+            else:
+                t.random_(-127, 128) if t.dtype == torch.int8 else t.random_(0, 256)
+        for m in model.modules():
+            if isinstance(m, quantize.QuantizedLinear):
+                m.scales.fill_(0.02 / 40) if m.mode == "int8" else m.scales.copy_(
+                    torch.stack([torch.full_like(m.scales[..., 0], 0.02 / 4), torch.zeros_like(m.scales[..., 1])], -1))
+    return model.eval()
+
+
+def bench_quantize_accelerator(repeats: int, notes: list, device: str = "cuda", lms=("opt-2.7b", "opt-6.7b"),
+                               vit_name: str = "large", batches=(8, 64), dtype=torch.bfloat16, new: int = 30,
+                               gen_batch: int = 16, labels=("int8", "int4-g128")) -> dict:
+    """On a GPU: the pt-L recipe's training step (the encoder run every step) with the LM in bf16, int8 and int4
+    (groups of 128): samples/s and peak memory, then greedy generation's tokens/s, at batch 8 and a larger one;
+    random weights made on the device."""
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else device}
+    T, P = 32, 10
+    vit_cfg = ViTConfig.from_dict(hf_config("vit", vit_name).to_dict())
+    with torch.device("meta"):
+        enc = ViT(vit_cfg)
+    enc = random_backbone(enc.to(dtype), device)
+    for lm_name in lms:
+        config = OPTConfig.from_dict(hf_config("opt", lm_name).to_dict())
+        for label, q in {"bf16": None, **{lb: QUANTIZATIONS[lb] for lb in labels}}.items():
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            lm = random_backbone(meta_lm(OPT, config, q, dtype), device)
+            torch.manual_seed(0)
+            model = EPALM(lm, enc, EPALMConfig(num_levels=min(6, vit_cfg.num_hidden_layers - 1),
+                                               prompt_length=P)).to(device)
+            row = {"weights_gb": quantize.model_bytes(lm) / 1e9}
+            for B in batches:
+                ids = torch.randint(4, config.vocab_size, (B, T), device=device)
+                media = torch.randn(B, 3, vit_cfg.image_size, vit_cfg.image_size, device=device, dtype=dtype)
+                s = alternate({"step": step_fn(model, media, ids, torch.ones_like(ids))}, repeats, device)["step"]
+                row[f"batch{B}"] = {"samples_per_s": B / s, "s": s}
+                if device == "cuda":
+                    row[f"batch{B}"]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            ids = torch.randint(4, config.vocab_size, (gen_batch, 8), device=device)
+            plain = lm_only(lm)
+            s = alternate({"gen": lambda: plain.generate(None, ids, torch.ones_like(ids), max_new_tokens=new,
+                                                         eos_token_id=-1)}, repeats, device)["gen"]
+            row["greedy_tokens_per_s"] = gen_batch * new / s
+            out[f"{lm_name} {label}"] = row
+            print(lm_name, label, json.dumps(row), file=sys.stderr, flush=True)  # partial results, if cut off
+            del model, lm, plain
+    notes.append(f"accelerator quantize: OPT + ViT-{vit_name} (random weights made on the device), {dtype}, eager; "
+                 f"training step with the encoder, {P} prompt vectors, {T} tokens; greedy {new} tokens x {gen_batch}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 def bench_distributed(notes: list, repeats: int = 3, iters: int = 30, lms=("toy LM", "opt-125m")) -> dict:
@@ -712,6 +949,27 @@ TABLES = [
     ("accelerator", "tflops", "step (bf16)", [
         ("samples/s", "samples_per_s", ".1f"), ("tokens/s", "tokens_per_s", ".0f"), ("TFLOP/s", "tflops", ".0f"),
         ("MFU", "mfu", ".0%")]),
+    ("quantize_bytes", "embedding_share", "bytes per parameter, bf16 and quantized", [
+        ("params (B)", lambda r: f"{r['params'] / 1e9:.2f}"), ("embedding", "embedding_share", ".1%"),
+        *((label, (lambda lb: lambda r: f"{r[lb]['bytes_per_param']:.3f}")(label))
+          for label in ("bf16", "int8", "int4-g32", "int4-g64", "int4-g128"))]),
+    ("quantize", "logit_rel_error", "quantized vs fp32 (same weights)", [
+        ("logit error", "logit_rel_error", ".4f"), ("top-1 agree", "top1_agreement", ".3f"),
+        ("greedy agree", "greedy_token_agreement", ".3f"), ("same rows", "greedy_same_rows", "d"),
+        ("step x fp32", "step_vs_fp32", ".2f"), ("greedy x fp32", "greedy_vs_fp32", ".2f"),
+        ("bytes/param", "bytes_per_param", ".3f")]),
+    ("quantize", "reading_attribute_accuracy", "toy LM reading test (trained)", [
+        ("attribute acc", "reading_attribute_accuracy", ".3f"), ("image", "reading_image", ".3f"),
+        ("audio", "reading_audio", ".3f"), ("video", "reading_video", ".3f")]),
+    ("quantize_loading", "peak_extra_bytes", "loading (CPU, float32)", [
+        ("model MiB", lambda r: f"{r['model_bytes'] / MIB:.0f}"), ("peak MiB", lambda r: f"{r['peak_extra_bytes'] / MIB:.0f}"),
+        ("largest fp32 MiB", lambda r: f"{r['largest_weight_fp32_bytes'] / MIB:.0f}"),
+        ("layer fp32 MiB", lambda r: f"{r['layer_fp32_bytes'] / MIB:.0f}")]),
+    ("accelerator_quantize", "weights_gb", "quantized LM on the accelerator", [
+        ("weights GB", "weights_gb", ".2f"), ("greedy tok/s", "greedy_tokens_per_s", ".0f"),
+        *((f"b{b} {c}", (lambda b, k, f: lambda r: format(r[f"batch{b}"][k], f) if k in r.get(f"batch{b}", {})
+                         else "-")(b, k, f)) for b in (8, 64) for c, k, f in
+          (("samples/s", "samples_per_s", ".1f"), ("peak GiB", "peak_memory_gib", ".2f")))]),
     ("accelerator_generate", "coco_ours_s", "generation (3 beams, 30 tokens)", [
         ("ours tok/s", "ours_tokens_per_s", ".0f"), ("compiled tok/s", "ours_compiled_tokens_per_s", ".0f"),
         ("transf. tok/s", "transformers_tokens_per_s", ".0f"), ("COCO ours s", "coco_ours_s", ".0f"),
@@ -761,11 +1019,19 @@ def main() -> None:
                         help="only train.py under torchrun on 2 CPU processes: DDP vs FSDP, evaluation 1 vs 2")
     parser.add_argument("--out", default="bench.json", help="where the JSON results go")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="only the quantization rows: int8 and int4 against full precision (bytes per parameter "
+                             "of the paper's LMs, logit error, step and generation, loading memory; with --device "
+                             "cuda: the GPU's step, memory and generation)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--load-child", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child)))
+        return
+    if args.load_child:
+        print(json.dumps(load_child(*args.load_child)))
         return
     if args.device not in ("cpu", "cuda"):
         raise SystemExit(f"--device {args.device!r}: expected cpu or cuda")
@@ -781,6 +1047,12 @@ def main() -> None:
                "notes": notes}
     if args.distributed:
         results["distributed"] = bench_distributed(notes, repeats=min(3, mode["repeats"]))
+    elif args.device == "cuda" and args.quantize:
+        results["accelerator_quantize"] = bench_quantize_accelerator(mode["repeats"], notes)
+    elif args.quantize:
+        results["quantize_bytes"] = bench_quantize_bytes()
+        results["quantize"] = bench_quantize(mode, notes)
+        results["quantize_loading"] = bench_quantize_loading(*mode["quant_load"], notes)
     elif args.device == "cuda":
         if not args.generation:
             results["accelerator"] = bench_accelerator(mode["repeats"], notes)
