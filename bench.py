@@ -428,6 +428,23 @@ def bench_generate(mode: dict, device: str, notes: list) -> dict:
 
 # ---------------------------------------------------------------------------------------------- memory
 
+def peak_during(fn, measure, interval: float):
+    """(fn(), the largest measure() that a thread sampled every interval seconds while fn ran)."""
+    peak, running = [measure()], [True]
+
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], measure())
+            time.sleep(interval)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        return fn(), max(peak[0], measure())
+    finally:
+        running[0] = False
+        sampler.join()
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -462,21 +479,10 @@ def memory_child(mode_name: str, dtype_name: str) -> dict:
     step = step_fn(model, media, ids, torch.ones_like(ids))
     step()  # warm-up: the optimizer state and allocator pools exist from here on
     base = rss_bytes()
-    peak, running = [base], [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.002)
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    _, loss = model(media, ids, torch.ones_like(ids), ids)
-    loss.backward()
-    running[0] = False
-    sampler.join()
+    _, peak = peak_during(lambda: model(media, ids, torch.ones_like(ids), ids)[1].backward(), rss_bytes, 0.002)
     frozen = [p for p in [*model.lm.parameters(), *model.encoder.parameters()]]
-    return {"param_bytes": bytes_by_dtype, "rss_before_step": base, "rss_peak_step": peak[0],
-            "step_extra_bytes": peak[0] - base,
+    return {"param_bytes": bytes_by_dtype, "rss_before_step": base, "rss_peak_step": peak,
+            "step_extra_bytes": peak - base,
             "frozen_params_with_grad": sum(p.grad is not None for p in frozen),
             "trainable_grad_bytes": sum(p.grad.numel() * p.grad.element_size()
                                         for p in model.trainable_parameters() if p.grad is not None)}
@@ -682,21 +688,12 @@ def load_child(folder: str, mode: str) -> dict:
     def anon() -> int:
         status = Path("/proc/self/status").read_text()
         return int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) * 1024
-    base, peak, running = anon(), [0], [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.001)
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    kind = hub.read_json(folder)["model_type"]
-    cls = OPT if kind == "opt" else Llama
-    lm = cls.from_pretrained(folder, quantization=None if mode == "none" else QUANTIZATIONS[mode])
-    running[0] = False
-    sampler.join()
+    cls = OPT if hub.read_json(folder)["model_type"] == "opt" else Llama
+    base = anon()
+    lm, peak = peak_during(lambda: cls.from_pretrained(
+        folder, quantization=None if mode == "none" else QUANTIZATIONS[mode]), anon, 0.001)
     largest = max(m.in_features * m.out_features for m in lm.modules() if hasattr(m, "in_features"))
-    return {"model_bytes": quantize.model_bytes(lm), "peak_extra_bytes": peak[0] - base,
+    return {"model_bytes": quantize.model_bytes(lm), "peak_extra_bytes": peak - base,
             "largest_weight_fp32_bytes": 4 * largest, "layer_fp32_bytes": 4 * parameter_count(lm.layers[0])}
 
 
