@@ -1,12 +1,16 @@
 """quantize.py against torch's own int8 and int4 kernels (the formats they read are the reference), loading that
 quantizes as it reads (OPT and the Llama family), gradients through quantized layers to the adapter, the checkpoint
 that remembers the setting, and the one-line errors."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 import checkpoint
 import hub
+from conftest import ROOT, TESTDATA
 import quantize
 from llama import Llama
 from model import EPALM, EPALMConfig, load_backbones
@@ -149,6 +153,17 @@ def test_checkpoint_rebuilds_the_quantized_lm_unless_told_otherwise(tiny_backbon
     full, _, loaded = checkpoint.load_model(tmp_path, quantization={"quantize": "none"})
     assert loaded["quantize"] is None and isinstance(full.lm.layers[0].fc1, nn.Linear)
     assert "trainable" in again.parameter_report() and again.parameter_report() == full.parameter_report()
+    # sample.py: the checkpoint's int8 decides that bf16 on this CPU is refused, before any backbone loads
+    run = [sys.executable, str(ROOT / "sample.py"), "--image", str(TESTDATA / "images" / "hopper.jpg"),
+           "--checkpoint", str(tmp_path), "--max_new_tokens", "2", "--device", "cpu"]
+    p = subprocess.run([*run, "--dtype", "bfloat16"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip() == ("error: --quantize int8 with --dtype bfloat16 on a CPU: the "
+                                                     "quantized weights are dequantized into bfloat16 for every "
+                                                     "matmul, which CPUs run hundreds of times slower than float32: "
+                                                     "use --dtype float32")
+    p = subprocess.run([*run, "--dtype", "bfloat16", "--quantize", "none"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith(str(TESTDATA / "images" / "hopper.jpg") + ":"), p.stderr
 
 
 def test_what_cannot_be_quantized_is_one_line(tiny_backbones, tiny_lms):
