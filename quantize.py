@@ -7,18 +7,19 @@ weight dequantized inside each matmul. Nothing quantized trains, so no gradient 
   (groups, out, 2) and the packing that torch's int4 kernel (`_weight_int4pack_mm`, tinygemm) reads.
 - Quantized while loading: hub.build makes the model on the meta device, quantize_linears swaps its nn.Linear
   modules for QuantizedLinear and quantizes each checkpoint weight as it is read (memory-mapped), so the
-  full-precision model never exists: the peak is the quantized model plus one weight in float32.
+  full-precision model never exists: the peak is the quantized model plus float32 copies of one weight.
 - The matmul. Gradients cross the frozen LM (to the soft prompt and the injected tokens), so the forward must be
   differentiable in its input. An autograd function dequantizes the weight in the forward and again in the
   backward, and keeps only the quantized weight for the backward: F.linear on a dequantized weight would keep
   every layer's float copy alive until the backward, the full-precision model again. Per device:
     - CPU: always that. torch's CPU int8 and int4 kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`)
-      were 10-60x slower than dequantize-then-matmul at training shapes here (256 rows) and have no backward;
+      have no backward and were 11x and 13x slower than dequantize-then-matmul at a training shape here (256 rows
+      of 768 into 3072; faster only at a few rows);
     - CUDA (sm80+, bf16): int4 forwards that need no gradient, on at most KERNEL_MAX_ROWS rows (decode steps),
       run torch's int4 kernel, which reads 4 bits per weight; its tiled layout is built on each call from the
       stored one (the tiled layout cannot be dequantized for a backward, so it is not what is stored). Every
-      other matmul dequantizes; int8 scales the output instead of the weight, as gpt-fast does, which
-      torch.compile fuses. None of the CUDA paths was run here: no GPU was lent (bench.py --device cuda is ready).
+      other matmul dequantizes; int8 scales the output instead of the weight, as gpt-fast does for
+      torch.compile to fuse the cast into the matmul. None of the CUDA paths was run here: no GPU was lent (bench.py --device cuda is ready).
 - What stays in full precision: embeddings (and a tied LM head), norms, biases, convolutions.
 
 References: pytorch-labs/gpt-fast quantize.py (WeightOnlyInt8Linear; group-wise int4 with scales and zeros);
