@@ -66,10 +66,11 @@ def _nonzero(scales: Tensor) -> Tensor:
 
 def quantize_int8(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(q int8 (out, in), scales (out,) in dtype), w ~ q * scales[:, None]; q is computed against the scales as
-    stored, so their rounding to dtype is part of what q absorbs."""
-    w = w.float()
-    scales = _nonzero((w.abs().amax(dim=1) / 127).to(dtype))
-    return torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8), scales
+    stored, so their rounding to dtype is part of what q absorbs. One float32 copy of w, worked on in place: the
+    fewer and smaller the temporaries, the less the allocator keeps while a model loads."""
+    w = w.to(torch.float32, copy=True)
+    scales = _nonzero((torch.linalg.vector_norm(w, float("inf"), dim=1) / 127).to(dtype))
+    return w.div_(scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8), scales
 
 
 def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -77,12 +78,12 @@ def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype) -> tuple[Tenso
     w ~ (q - 8) * scale + zero, scale = (max - min) / 15, zero = min + 8 * scale, as gpt-fast and torch's
     kernel; q against the stored scale and zero."""
     out, k = w.shape
-    g = w.float().reshape(out, k // group_size, group_size)
-    low, high = g.amin(-1), g.amax(-1)
+    g = w.to(torch.float32, copy=True).view(out, k // group_size, group_size)  # worked on in place, as above
+    low, high = g.aminmax(dim=-1)
     scales = _nonzero(((high - low) / 15).to(dtype))
     zeros = (low + 8 * scales.float()).to(dtype)
     s, z = scales.float()[..., None], zeros.float()[..., None]
-    q = torch.round((g - (z - 8 * s)) / s).clamp(0, 15).to(torch.uint8).reshape(out, k)
+    q = g.sub_(z - 8 * s).div_(s).round_().clamp_(0, 15).to(torch.uint8).view(out, k)
     return q[:, ::2] << 4 | q[:, 1::2], torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
 
 
