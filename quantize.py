@@ -19,7 +19,8 @@ weight dequantized inside each matmul. Nothing quantized trains, so no gradient 
       run torch's int4 kernel, which reads 4 bits per weight; its tiled layout is built on each call from the
       stored one (the tiled layout cannot be dequantized for a backward, so it is not what is stored). Every
       other matmul dequantizes; int8 scales the output instead of the weight, as gpt-fast does for
-      torch.compile to fuse the cast into the matmul. None of the CUDA paths was run here: no GPU was lent (bench.py --device cuda is ready).
+      torch.compile to fuse the cast into the matmul. None of the CUDA paths was run here: no GPU was lent
+      (`bench.py --device cuda --quantize` is ready).
 - What stays in full precision: embeddings (and a tied LM head), norms, biases, convolutions.
 
 References: pytorch-labs/gpt-fast quantize.py (WeightOnlyInt8Linear; group-wise int4 with scales and zeros);
