@@ -30,18 +30,21 @@ def save(run_dir: Path, model, optimizer, scaler, config: dict, command: list[st
     card.write_card(run_dir, card.model_card(model, config, command, scores, blind, split))
 
 
-def load(run_dir: Path, model, optimizer, scaler, quantization: dict | None = None) -> int:
-    """Restore state.pt into the model's adapter, the optimizer, the scaler and the RNG; returns the iteration.
-    quantization (train.quantization()): this run's, which must be the checkpoint's for the resumed run to be the
-    one that was stopped."""
-    path = run_dir / "state.pt"
-    if not path.exists():
-        configurator.fail(f"--init_from=resume: no {path} (train first, or check --out_dir)")
-    if quantization is not None and (run_dir / "ckpt.safetensors").exists():
+def check_resume(run_dir: Path, quantization: dict) -> None:
+    """Before anything loads: the run in run_dir was trained with this run's quantization (train.quantization()),
+    or the resumed run would not be the one that was stopped."""
+    if (run_dir / "ckpt.safetensors").exists():
         saved = flags(backbone_quantization(hub.load_adapter(run_dir / "ckpt.safetensors")[1]))
         if saved != flags(quantization):
             configurator.fail(f"--init_from=resume: {run_dir} was trained with {saved}, this run has "
                               f"{flags(quantization)}: resume with the same settings")
+
+
+def load(run_dir: Path, model, optimizer, scaler) -> int:
+    """Restore state.pt into the model's adapter, the optimizer, the scaler and the RNG; returns the iteration."""
+    path = run_dir / "state.pt"
+    if not path.exists():
+        configurator.fail(f"--init_from=resume: no {path} (train first, or check --out_dir)")
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:

@@ -283,7 +283,7 @@ def train(model, tokenizer, train_ex, eval_ex, run_dir: Path, blind: bool, resum
     optimizer = make_optimizer(model)
     # float16 (GPUs without bf16) needs its loss scaled so that small gradients do not underflow to zero
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    it = checkpoint.load(run_dir, model, optimizer, scaler, quantization()) if resume else 0
+    it = checkpoint.load(run_dir, model, optimizer, scaler) if resume else 0
     fwd = torch.compile(model) if compile else model
     if ddp:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device] if device_type == "cuda" else None)
@@ -405,6 +405,8 @@ def run_eval_only():
 
 def run_training():
     """Train the recipe (and its blind control), score it, and print the results table."""
+    if init_from == "resume":
+        checkpoint.check_resume(out_dir, quantization())
     train_ex, eval_ex = load_examples()  # before the backbones: a data set's errors come at once
     say(f"{len(train_ex):,} training and {len(eval_ex):,} held-out examples")
     model, tokenizer = build_model()
