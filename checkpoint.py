@@ -34,10 +34,10 @@ def check_resume(run_dir: Path, quantization: dict) -> None:
     """Before anything loads: the run in run_dir was trained with this run's quantization (train.quantization()),
     or the resumed run would not be the one that was stopped."""
     if (run_dir / "ckpt.safetensors").exists():
-        saved = flags(backbone_quantization(hub.load_adapter(run_dir / "ckpt.safetensors")[1]))
-        if saved != flags(quantization):
+        saved = quantization_flags(backbone_quantization(hub.load_adapter(run_dir / "ckpt.safetensors")[1]))
+        if saved != quantization_flags(quantization):
             configurator.fail(f"--init_from=resume: {run_dir} was trained with {saved}, this run has "
-                              f"{flags(quantization)}: resume with the same settings")
+                              f"{quantization_flags(quantization)}: resume with the same settings")
 
 
 def load(run_dir: Path, model, optimizer, scaler) -> int:
@@ -72,7 +72,7 @@ def backbone_quantization(config: dict, overrides: dict | None = None) -> dict:
     return {**q, "quantize": mode, "quantize_encoder": bool(mode and q["quantize_encoder"])}
 
 
-def flags(quantization: dict) -> str:
+def quantization_flags(quantization: dict) -> str:
     """What makes the quantized backbones what they are, as train.py's flags (int8 has no groups)."""
     mode = quantization["quantize"] or "none"
     group = f" --quantize_group_size {quantization['quantize_group_size']}" if mode == "int4" else ""
