@@ -157,15 +157,17 @@ class EPALM(nn.Module):
             no     yes    keys 1..T                      queries and keys 0..T (slot 0 added)
             yes    no     all slots, slot 0 masked       all slots, slot 0 as valid says (decode)
             yes    yes    all slots, slot 0 masked       all slots, query slot 0 added (prefill)
-        The media token's position is just before the prompt's, -(P+1): see the file's docstring."""
+        The media token's position is -(P+1) (see the file's docstring). One causal_mask, and without media one
+        rotary, serve both halves: a decode step pays for them every token."""
         slots = torch.arange(1, positions.shape[1] + 1, device=valid.device) if slots is None else slots
         late_slots = torch.cat([slots.new_zeros(1), slots]) if media else slots
         late_positions = F.pad(positions, (1, 0), value=-1 - self.config.prompt_length) if media else positions
-        early = causal_mask(valid & (torch.arange(valid.shape[1], device=valid.device) > 0), slots)
         late = causal_mask(valid, late_slots)
+        early = (late[:, :, 1:] if media else late) & (torch.arange(valid.shape[1], device=valid.device) > 0)
         if not cached:  # the keys are h's own rows: slot 0 only while the media token is in h
             early, late = early[..., 1:], (late if media else late[..., 1:])
-        return (early, slots, self.lm.rotary(positions)), (late, late_slots, self.lm.rotary(late_positions))
+        rotary = self.lm.rotary(positions)
+        return (early, slots, rotary), (late, late_slots, self.lm.rotary(late_positions) if media else rotary)
 
     def forward(self, media=None, input_ids=None, attention_mask=None, targets=None, features=None):
         """Logits aligned with input_ids (prompt and media positions removed). targets: like input_ids, -100
