@@ -180,6 +180,12 @@ def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus(tmp_path):
     assert generate.pick_token(logits).item() == 0
 
 
+def test_greedy_picks_the_first_of_tied_maxima_as_argmax_does():
+    # transformers' greedy search takes argmax: the lowest index among equal logits, in every row
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0], [2.0, 2.0, 2.0, 2.0], [-1.0, -5.0, -1.0, -3.0]])
+    assert generate.pick_token(logits).tolist() == logits.argmax(-1).tolist() == [1, 0, 0]
+
+
 def test_all_done_decides_when_to_stop_and_layers_run_through_call(tmp_path):
     # with a hook that never agrees, rows finished early keep being fed (all ranks run the same steps) and the
     # tokens do not change; every LM layer and encoder block is called through its module (FSDP's hooks)
