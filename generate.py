@@ -226,7 +226,8 @@ def beam_search(logits, run, B, nb, max_new_tokens, eos, length_penalty, start):
         rows = (first_row + parent).view(-1)
         for layer in run.cache:
             layer.reorder(rows, start, start + t - 1)
-        logp = F.log_softmax(advance(run, next_tok.view(-1)).float(), -1).view(B, nb, V)
+        # into the same buffer, as the add above, for the same reason
+        torch.log_softmax(advance(run, next_tok.view(-1)).float(), -1, out=logp.view(B * nb, V))
     best, length = fin_seqs[:, 0].tolist(), fin_len[:, 0].tolist()
     return [seq[:n] for seq, n in zip(best, length)]
 
