@@ -49,22 +49,25 @@ from timesformer import TimeSformer
 from vit import ViT, ViTConfig
 
 # per mode: which LMs (OPT for every section, llama_lms for the backbone rows), batch sizes, repeats (gen_lms: LM,
-# batch, repeats for generation). quick and tiny keep every section but shrink what is slow on 2 cores; quick has
-# no Llama row (SmolLM2-135M's 30 layers would add a minute).
+# batch, new tokens, repeats for generation; the small LM at the generation issue's shape, batch 32 x 24 new
+# tokens). quick and tiny keep every section but shrink what is slow on 2 cores; quick has no Llama row
+# (SmolLM2-135M's 30 layers would add a minute).
 MODES = {
     "tiny": dict(lms=["tiny"], llama_lms=["llama-tiny"], encoders=["tiny"], lm_batch=2, text=8, vit_batch=2,
                  ast_batch=1, video_batch=1, step_batch=2, prompt=2, levels=2, repeats=1,
-                 gen_lms=[("tiny", 2, 1), ("small", 2, 1), ("llama-tiny", 2, 1)],
+    "tiny": dict(lms=["tiny"], llama_lms=["llama-tiny"], encoders=["tiny"], lm_batch=2, text=8, vit_batch=2,
+                 ast_batch=1, video_batch=1, step_batch=2, prompt=2, levels=2, repeats=1,
+                 gen_lms=[("tiny", 2, 4, 1), ("small", 2, 4, 1), ("llama-tiny", 2, 4, 1)],
                  gen_prompt=4, gen_new=4, compile=False, matmul_n=128, quant_lms=["tiny", "llama-tiny"],
                  quant_labels=("int8", "int4-g32"), quant_toy=False, quant_load=("opt", "tiny")),
     "quick": dict(lms=["opt-125m"], llama_lms=[], encoders=["base"], lm_batch=8, text=32, vit_batch=2, ast_batch=1,
                   video_batch=1, step_batch=4, prompt=10, levels=6, repeats=2, gen_prompt=8, gen_new=30,
-                  gen_lms=[("opt-125m", 8, 2), ("small", 16, 15)], compile=False, matmul_n=1024,
+                  gen_lms=[("opt-125m", 8, 30, 2), ("small", 32, 24, 15)], compile=False, matmul_n=1024,
                   quant_lms=["opt-125m"], quant_labels=("int8", "int4-g32", "int4-g128"), quant_toy=True,
                   quant_load=("opt", "opt-350m")),
     "full": dict(lms=["opt-125m", "opt-350m"], llama_lms=["smollm2-135m"], encoders=["base"], lm_batch=8, text=32,
                  vit_batch=8, ast_batch=2, video_batch=1, step_batch=8, prompt=10, levels=6, repeats=5,
-                 gen_prompt=8, gen_new=30, gen_lms=[("opt-125m", 8, 5), ("small", 16, 25), ("smollm2-135m", 8, 5)],
+                 gen_prompt=8, gen_new=30, gen_lms=[("opt-125m", 8, 30, 5), ("small", 32, 24, 25), ("smollm2-135m", 8, 30, 5)],
                  compile=True, matmul_n=2048, quant_lms=["opt-125m", "smollm2-135m"],
                  quant_labels=("int8", "int4-g32", "int4-g64", "int4-g128"), quant_toy=True,
                  quant_load=("opt", "opt-1.3b")),
@@ -408,22 +411,27 @@ def compare_generation(model, ref, ids, mask, new: int, beams: int, repeats: int
 
 
 def bench_generate(mode: dict, device: str, notes: list) -> dict:
-    """Greedy and 3-beam generation of gen_new tokens, ours vs transformers' generate on the same OPT or Llama
-    weights (no media, no soft prompt, no EOS so both do exactly gen_new steps), at (a) a real LM's shapes and (b)
-    a small LM (2 layers, width 128, vocab 5,000, batch 16), where the step is small and per-step overhead shows."""
+    """Greedy and 3-beam generation, ours vs transformers' generate on the same OPT or Llama weights (no media, no
+    soft prompt, no EOS so both do exactly the asked number of steps), at (a) a real LM's shapes and (b) a small LM
+    (2 layers, width 128, vocab 5,000, batch 32 x 24 new tokens), where the step is small and per-step overhead
+    shows. Each row names its LM family; a note gives the ratios of each family."""
     out = {}
-    for name, batch, repeats in mode["gen_lms"]:  # small steps are noisy: more repeats
+    for name, batch, new, repeats in mode["gen_lms"]:  # small steps are noisy: more repeats
         lm, ref = build_pair(lm_kind(name), name, device)
         model = lm_only(lm)
         torch.manual_seed(1)
         ids = torch.randint(4, lm.config.vocab_size, (batch, mode["gen_prompt"]), device=device)
         mask = torch.ones_like(ids)
         for label, beams in (("greedy", 1), ("beam3", 3)):
-            out[f"{name} {label}"] = compare_generation(model, ref, ids, mask, mode["gen_new"], beams, repeats,
-                                                        device, compile=mode["compile"])
+            row = compare_generation(model, ref, ids, mask, new, beams, repeats, device, compile=mode["compile"])
+            out[f"{name} {label}"] = dict(row, family="Llama" if lm_kind(name) == "llama" else "OPT")
         del lm, ref, model
     notes.append("generate: ours eager (and compiled, full mode) vs transformers' generate, same weights, no EOS; "
                  "the small LM's step is a few small matmuls, so per-step overhead weighs most there")
+    for family in ("OPT", "Llama"):
+        ratios = [f"{name} {row['speedup']:.2f}" for name, row in out.items() if row["family"] == family]
+        if ratios:
+            notes.append(f"generate, {family} family, transformers' time / ours: {', '.join(ratios)}")
     return out
 
 
@@ -940,8 +948,8 @@ TABLES = [
     ("train_step", "cached_vs_plain", "train step", [
         ("cached/plain", "cached_vs_plain", ".2f"), ("matmul GFLOP/s", "matmul_gflops", ".0f")]),
     ("generate", "same_tokens", "generate", [
-        ("new x batch", lambda r: f"{r['new_tokens']}x{r['batch']}"), ("ours s", "ours_s", ".4f"),
-        ("transformers s", "transformers_s", ".4f"), ("speedup", "speedup", ".2f"),
+        ("family", "family", ""), ("new x batch", lambda r: f"{r['new_tokens']}x{r['batch']}"),
+        ("ours s", "ours_s", ".4f"), ("transformers s", "transformers_s", ".4f"), ("speedup", "speedup", ".2f"),
         ("compiled x", "compiled_speedup", ".2f"), ("same tokens", "same_tokens", "")]),
     ("memory", "param_bytes", "memory (one step)", [
         ("frozen MiB", lambda r: f"{sum(v for k, v in r['param_bytes'].items() if k.endswith('frozen')) / MIB:.0f}"),

@@ -65,6 +65,18 @@ def test_same_outputs_as_transformers(results):
 
 
 @pytest.mark.slow
+def test_generation_rows_say_the_ratio_of_each_lm_family(results):
+    rows = results["generate"]
+    assert {name: row["family"] for name, row in rows.items()} == {
+        "tiny greedy": "OPT", "tiny beam3": "OPT", "small greedy": "OPT", "small beam3": "OPT",
+        "llama-tiny greedy": "Llama", "llama-tiny beam3": "Llama"}
+    for family in ("OPT", "Llama"):
+        note = next(n for n in results["notes"] if n.startswith(f"generate, {family} family"))
+        for name, row in rows.items():
+            assert (f"{name} {row['speedup']:.2f}" in note) == (row["family"] == family), (family, name)
+
+
+@pytest.mark.slow
 def test_accelerator_generation_section_runs_on_a_cpu():
     # the GPU section's code (in-memory shared weights, encoder included, COCO projection) on toy shapes; only the
     # CUDA graphs need the GPU
