@@ -55,8 +55,6 @@ from vit import ViT, ViTConfig
 MODES = {
     "tiny": dict(lms=["tiny"], llama_lms=["llama-tiny"], encoders=["tiny"], lm_batch=2, text=8, vit_batch=2,
                  ast_batch=1, video_batch=1, step_batch=2, prompt=2, levels=2, repeats=1,
-    "tiny": dict(lms=["tiny"], llama_lms=["llama-tiny"], encoders=["tiny"], lm_batch=2, text=8, vit_batch=2,
-                 ast_batch=1, video_batch=1, step_batch=2, prompt=2, levels=2, repeats=1,
                  gen_lms=[("tiny", 2, 4, 1), ("small", 2, 4, 1), ("llama-tiny", 2, 4, 1)],
                  gen_prompt=4, gen_new=4, compile=False, matmul_n=128, quant_lms=["tiny", "llama-tiny"],
                  quant_labels=("int8", "int4-g32"), quant_toy=False, quant_load=("opt", "tiny")),
