@@ -101,7 +101,9 @@ def stop_check(device: torch.device, all_done=None):
     return check
 
 
-@torch.no_grad()
+# inference_mode, not no_grad: no tensor made here is ever seen by autograd, so no op pays for version counters
+# and view tracking; a decode step is ~100 tiny ops, and that bookkeeping was ~9% of its CPU time (bench.py)
+@torch.inference_mode()
 def generate(model, media=None, input_ids=None, attention_mask=None, *, max_new_tokens=30, num_beams=1,
              temperature=0.0, top_k=None, top_p=None, eos_token_id=None, features=None, length_penalty=1.0,
              compile=False, all_done=None) -> list[list[int]]:
