@@ -206,26 +206,29 @@ def beam_search(logits, run, B, nb, max_new_tokens, eos, length_penalty, start):
         top_scores, top_idx = logp.add_(run_scores[..., None]).view(B, nb * V).topk(2 * nb)  # in place:
         # a fresh (B, nb, V) tensor each step costs more than the add on a CPU (new pages to fault in)
         parent, tok = top_idx // V, top_idx % V
-        seqs = run_seqs.gather(1, parent[..., None].expand(-1, -1, M))
-        seqs[:, :, t - 1] = tok
         eos_hit = torch.isin(tok, eos)
         ends = eos_hit if t < M else torch.ones_like(eos_hit)
         # the best nb candidates that do not end go on
         run_scores, keep = (top_scores + ends * NEG).topk(nb)
-        parent, next_tok = parent.gather(1, keep), tok.gather(1, keep)
-        run_seqs = seqs.gather(1, keep[..., None].expand(-1, -1, M))
-        # those among the best nb that end join the finished ones, unless the sample has nb (early_stopping=True)
+        kept, next_tok = parent.gather(1, keep), tok.gather(1, keep)
+        # those among the best nb that end join the finished ones, unless the sample has nb (early_stopping=True).
+        # Most steps none does: on a CPU, where reading the flag costs no device round trip, they skip this part
         just = ends & among_best
-        score = top_scores / (t ** length_penalty) + fin.all(1, keepdim=True) * NEG
-        score = score + ~just * NEG
-        fin_scores, order = torch.cat([fin_scores, score], 1).topk(nb)
-        fin_seqs = torch.cat([fin_seqs, seqs], 1).gather(1, order[..., None].expand(-1, -1, M))
-        fin_len = torch.cat([fin_len, t - eos_hit.long()], 1).gather(1, order)
-        fin = torch.cat([fin, just], 1).gather(1, order)
+        if device.type != "cpu" or bool(just.any()):
+            seqs = run_seqs.gather(1, parent[..., None].expand(-1, -1, M))
+            seqs[:, :, t - 1] = tok
+            score = top_scores / (t ** length_penalty) + fin.all(1, keepdim=True) * NEG
+            score = score + ~just * NEG
+            fin_scores, order = torch.cat([fin_scores, score], 1).topk(nb)
+            fin_seqs = torch.cat([fin_seqs, seqs], 1).gather(1, order[..., None].expand(-1, -1, M))
+            fin_len = torch.cat([fin_len, t - eos_hit.long()], 1).gather(1, order)
+            fin = torch.cat([fin, just], 1).gather(1, order)
+        run_seqs = run_seqs.gather(1, kept[..., None].expand(-1, -1, M))
+        run_seqs[:, :, t - 1] = next_tok
         if t == M or run.check(fin.all()):
             break
-        # beam j of sample b continues beam parent[b, j]: its generated slots move along (the rest are shared)
-        rows = (first_row + parent).view(-1)
+        # beam j of sample b continues beam kept[b, j]: its generated slots move along (the rest are shared)
+        rows = (first_row + kept).view(-1)
         for layer in run.cache:
             layer.reorder(rows, start, start + t - 1)
         # into the same buffer, as the add above, for the same reason
