@@ -94,7 +94,8 @@ def load_model(name_or_path, dtype: torch.dtype | None = None, shard=None, quant
     except (OSError, ValueError) as e:  # ConnectionError and FileNotFoundError are OSErrors
         raise (ValueError if isinstance(e, ValueError) else OSError)(
             f"{name_or_path}: the backbones it names do not load: {e}") from None
-    model = EPALM(lm, encoder, EPALMConfig(**config["epalm"]))
+    # an adapter saved before media_tokens existed was trained with one token per level
+    model = EPALM(lm, encoder, EPALMConfig(**{"media_tokens": 1, **config["epalm"]}))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     bad = sorted(set(trainable) ^ set(state)) + [n for n in state if n in trainable and
                                                   state[n].shape != trainable[n].shape]

@@ -8,10 +8,10 @@ early_stopping=True: top 2 x beams candidates over beams x vocab, the best `beam
 among the best `beams` that end (EOS, or the last step) join the finished ones, scored sum(log p) / length **
 length_penalty, and a sample stops taking new ones when it has `beams` of them.
 
-Slots of the sequence (one cache row per sample, or per beam): [media] [prompt x P] [text x T] [generated ...];
-slot 0 is written only by the layers that see the media token. The model argument is duck-typed (model.py's
-EPALM: inject_tokens, embed, run_layers, lm, config; the LM's interface is in model.py's docstring); this file
-does not import model.py. EOS may be several ids (Llama 3): a row ends at any of them.
+Slots of the sequence (one cache row per sample, or per beam): [media x M] [prompt x P] [text x T] [generated
+...]; the M media slots are written only by the layers that see the media tokens. The model argument is duck-typed
+(model.py's EPALM: inject_tokens, embed, run_layers, lm, config, media_tokens; the LM's interface is in model.py's
+docstring); this file does not import model.py. EOS may be several ids (Llama 3): a row ends at any of them.
 
 References: pytorch-labs/gpt-fast generate.py (prefill, decode_one_token, compile with mode="reduce-overhead");
 transformers' GenerationMixin._beam_search (the semantics matched here, checked by tests/test_generate.py).
@@ -35,7 +35,7 @@ def prefill(model, input_ids, attention_mask, inj, cache: list[KVCache], max_new
     key mask over every slot of the cache (generated slots valid from the start: causality hides the future)."""
     h, positions, valid = model.embed(input_ids, attention_mask, media=inj is not None)
     valid = F.pad(valid, (0, max_new_tokens), value=True)
-    slots = torch.arange(1, h.shape[1] + 1, device=h.device)
+    slots = torch.arange(model.media_tokens, h.shape[1] + model.media_tokens, device=h.device)
     return model.lm.logits(model.run_layers(h, positions, valid, inj, cache, slots)[:, -1]), valid
 
 
@@ -127,7 +127,7 @@ def generate(model, media=None, input_ids=None, attention_mask=None, *, max_new_
                          f"{lm.config.max_position_embeddings}")
     beams = num_beams if num_beams > 1 else 1
     inj = model.inject_tokens(media, features)  # the encoder runs once per sample, never per beam
-    start = 1 + model.config.prompt_length + T  # the first generated token's slot
+    start = model.media_tokens + model.config.prompt_length + T  # the first generated token's slot
     device = input_ids.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else lm.embed_tokens.weight.dtype  # what the layers' key and value projections will output

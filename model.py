@@ -3,16 +3,21 @@
 Shukor, Dancette, Cord, "eP-ALM: Efficient Perceptual Augmentation of Language Models", ICCV 2023.
 Everything pretrained stays frozen. What trains is a linear connector (shared by the K encoder levels, or one
 per level) and a soft prompt of P vectors. The encoder's last K blocks give K [CLS] tokens; the connector maps
-them into the LM's width; they enter the LM's late layers [start, end): the first one is prepended as an extra
-position 0 at layer `start`, each next one overwrites position 0 at a later layer (shallow levels go to early
-layers), and the layers after the window carry that position along.
+each into M tokens of the LM's width; they enter the LM's late layers [start, end): the first level's are
+prepended as M extra positions at layer `start`, each next level's overwrite them at a later layer (shallow
+levels go to early layers), and the layers after the window carry those positions along.
 
-Sequence seen by the LM (left-padded text):   [media] [prompt x P] [pad ... pad] [text ...]
-  - media: exists only from layer `start` on and attends only to itself (it is the first slot, so plain
+M is 1 for OPT, as in eP-ALM. For an LM with grouped-query attention it is the number of query heads per
+key-value head (2 for the toy Llama, 4 for Llama 3.2 1B, 6 for Qwen2.5 1.5B): one token gives each layer one key
+and one value per key-value head, so under GQA a single token reaches the text through fewer distinct values
+than under OPT's multi-head attention, and the toy Llama measurably learns less from it (README, toy Llama).
+
+Sequence seen by the LM (left-padded text):   [media x M] [prompt x P] [pad ... pad] [text ...]
+  - media: exists only from layer `start` on and attends only to the media slots (they come first, so plain
     causality gives exactly that: unlike the official code, it never sees future text or padding);
   - positions: text from 0 over its real tokens (padding moves nothing), the prompt just before it (-P..-1),
-    the media token before that (-P-1). OPT's learned table has no negative rows: prompt and media get no
-    position, as in eP-ALM. Rotary positions (Llama) only reach attention as differences: the LM sees one
+    the media tokens before that (-P-M..-P-1). OPT's learned table has no negative rows: prompt and media get
+    no position, as in eP-ALM. Rotary positions (Llama) only reach attention as differences: the LM sees one
     contiguous run [media, prompt, text], as DePALM does and as in pretraining, where no two keys ever shared
     a position (one shared position would blur the inserted tokens together);
   - padding is never attended; every query attends to itself so padded rows stay finite.
@@ -48,6 +53,7 @@ class EPALMConfig:
     prompt_length: int = 10
     prompt_mlp: bool = False         # reparametrise the prompt through an MLP (the official default config)
     prompt_mlp_hidden: int = 512
+    media_tokens: int | None = None  # tokens per level; None: the LM's query heads per key-value head
 
 
 def injection_window(num_layers: int, num_levels: int, start=None, end=None) -> tuple[int, int]:
@@ -71,8 +77,14 @@ class EPALM(nn.Module):
                                                 config.inject_start, config.inject_end)
         width = self.end - self.start
         self.level_at = {self.start + (k * width) // K: k for k in range(K)}  # LM layer -> encoder level
+        heads = lm.config.num_attention_heads  # GQA: as many tokens as query heads share a key-value head
+        M = heads // getattr(lm.config, "num_key_value_heads", heads) if config.media_tokens is None \
+            else config.media_tokens
+        if M < 1:
+            raise ValueError(f"media_tokens {M}: expected at least 1")
+        self.media_tokens = M
         n_conn = 1 if config.shared_connector else K
-        self.connector = nn.ModuleList(nn.Linear(encoder.hidden_size, hidden) for _ in range(n_conn))
+        self.connector = nn.ModuleList(nn.Linear(encoder.hidden_size, M * hidden) for _ in range(n_conn))
         # the prompt lives in token-embedding space (before OPT's project_in); start from real token embeddings,
         # from row 4 on: OPT's rows 0-3 are its special tokens <s> <pad> </s> <unk> (Llama 2's: 0-2)
         emb = lm.embed_tokens.weight
@@ -107,13 +119,15 @@ class EPALM(nn.Module):
         return torch.stack([h[:, 0] for h in levels], dim=1)
 
     def inject_tokens(self, media=None, features=None) -> torch.Tensor | None:
-        """(B, K, hidden) tokens to inject, from media or from precomputed encode() features."""
+        """(B, K, M, hidden) tokens to inject, from media or from precomputed encode() features."""
         if features is None and media is None:
             return None
         f = self.encode(media) if features is None else features
         if len(self.connector) == 1:
-            return self.connector[0](f.to(self.connector[0].weight.dtype))
-        return torch.stack([c(f[:, k].to(c.weight.dtype)) for k, c in enumerate(self.connector)], dim=1)
+            out = self.connector[0](f.to(self.connector[0].weight.dtype))
+        else:
+            out = torch.stack([c(f[:, k].to(c.weight.dtype)) for k, c in enumerate(self.connector)], dim=1)
+        return out.unflatten(-1, (self.media_tokens, -1))
 
     def prompt_vectors(self) -> torch.Tensor:
         return self.prompt if self.prompt_mlp is None else self.prompt_mlp(self.prompt)
@@ -121,51 +135,56 @@ class EPALM(nn.Module):
     def embed(self, input_ids, attention_mask, media: bool = False):
         """Prompt + text into the LM's width: h (B, P+T, hidden); their positions (B, P+T), text from 0 over its
         real tokens and the prompt just before it (-P..-1); and the key mask of the slots [media, prompt, text]
-        (B, 1+P+T), its media column saying whether a media token exists."""
+        (B, M+P+T), its M media columns saying whether media tokens exist."""
         B, P = input_ids.shape[0], self.config.prompt_length
         tok = self.lm.embed_tokens(input_ids)
         if P:
             tok = torch.cat([self.prompt_vectors().to(tok.dtype).expand(B, -1, -1), tok], dim=1)
         prompt_positions = torch.arange(-P, 0, device=tok.device).expand(B, P)
         positions = torch.cat([prompt_positions, position_ids(attention_mask)], 1)
-        valid = torch.cat([attention_mask.new_full((B, 1), media), attention_mask.new_ones(B, P), attention_mask],
+        valid = torch.cat([attention_mask.new_full((B, self.media_tokens), media), attention_mask.new_ones(B, P),
+                           attention_mask],
                           dim=1).bool()
         return self.lm.embed(tok, positions), positions, valid
 
     def run_layers(self, h, positions, valid, inj=None, cache=None, slots=None):
         """The only loop through the LM's layers, with injection (training forward, prefill, decode step).
-        h: (B, T, hidden) at `positions` (B, T), in `slots` (T,) of [media, prompt, text, generated ...] (None:
-          1..T, without a cache); valid: (B, S) key mask over the slots (S = 1+T without a cache, the cache's
-          length with one), its column 0 saying whether a media token exists; inj: (B, K, hidden) tokens to
-          inject (training, prefill; in decode steps the media token is in the cache); cache: one KVCache per
-          layer, or None."""
+        h: (B, T, hidden) at `positions` (B, T), in `slots` (T,) of [media x M, prompt, text, generated ...]
+          (None: M..M+T-1, without a cache); valid: (B, S) key mask over the slots (S = M+T without a cache, the
+          cache's length with one), its first M columns saying whether media tokens exist; inj: (B, K, M, hidden)
+          tokens to inject (training, prefill; in decode steps the media tokens are in the cache); cache: one
+          KVCache per layer, or None."""
         below, above = self.layer_inputs(positions, valid, slots, media=inj is not None, cached=cache is not None)
         for i, layer in enumerate(self.lm.layers):
             if inj is not None and i in self.level_at:  # first prepended, then overwritten
-                tok = inj[:, self.level_at[i]][:, None].to(h.dtype)
-                h = torch.cat([tok, h if i == self.start else h[:, 1:]], dim=1)
+                tok = inj[:, self.level_at[i]].to(h.dtype)
+                h = torch.cat([tok, h if i == self.start else h[:, tok.shape[1]:]], dim=1)
             mask, at, rotary = below if i < self.start else above
             h = layer(h, mask, None if cache is None else cache[i], at, rotary)
         return h
 
     def layer_inputs(self, positions, valid, slots, media: bool, cached: bool):
         """(mask, slots, rotary) for the layers below the window and for those from it on. The keys are the
-        cache's slots, or h's own rows without a cache; slot 0, the media token, is a query where it enters h:
+        cache's slots, or h's own rows without a cache; slots 0..M-1, the media tokens, are queries where they
+        enter h:
 
             cache  inj    below the window               from the window on
-            no     no     keys 1..T                      keys 1..T
-            no     yes    keys 1..T                      queries and keys 0..T (slot 0 added)
-            yes    no     all slots, slot 0 masked       all slots, slot 0 as valid says (decode)
-            yes    yes    all slots, slot 0 masked       all slots, query slot 0 added (prefill)
-        The media token's position is -(P+1) (see the file's docstring). One causal_mask, and without media one
-        rotary, serve both halves: a decode step pays for them every token."""
-        slots = torch.arange(1, positions.shape[1] + 1, device=valid.device) if slots is None else slots
-        late_slots = torch.cat([slots.new_zeros(1), slots]) if media else slots
-        late_positions = F.pad(positions, (1, 0), value=-1 - self.config.prompt_length) if media else positions
+            no     no     keys M..                       keys M..
+            no     yes    keys M..                       queries and keys 0.. (media slots added)
+            yes    no     all slots, media masked        all slots, media as valid says (decode)
+            yes    yes    all slots, media masked        all slots, media queries added (prefill)
+        The media tokens' positions are -(P+M)..-(P+1) (see the file's docstring). One causal_mask, and without
+        media one rotary, serve both halves: a decode step pays for them every token."""
+        M = self.media_tokens
+        slots = torch.arange(M, positions.shape[1] + M, device=valid.device) if slots is None else slots
+        media_slots = torch.arange(M, device=valid.device)
+        late_slots = torch.cat([media_slots, slots]) if media else slots
+        late_positions = torch.cat([(media_slots - M - self.config.prompt_length).expand(positions.shape[0], M),
+                                    positions], 1) if media else positions
         late = causal_mask(valid, late_slots)
-        early = (late[:, :, 1:] if media else late) & (torch.arange(valid.shape[1], device=valid.device) > 0)
-        if not cached:  # the keys are h's own rows: slot 0 only while the media token is in h
-            early, late = early[..., 1:], (late if media else late[..., 1:])
+        early = (late[:, :, M:] if media else late) & (torch.arange(valid.shape[1], device=valid.device) >= M)
+        if not cached:  # the keys are h's own rows: the media slots only while the media tokens are in h
+            early, late = early[..., M:], (late if media else late[..., M:])
         rotary = self.lm.rotary(positions)
         return (early, slots, rotary), (late, late_slots, self.lm.rotary(late_positions) if media else rotary)
 

@@ -54,6 +54,7 @@ inject = "late"             # late | input (ablation: the last level's token onl
 shared_connector = True
 prompt_length = 10
 prompt_mlp = False
+media_tokens: int | None = None  # tokens per level; None: the LM's query heads per key-value head (1 for OPT)
 # optimisation
 max_iters = 20000
 batch_size = 16
@@ -124,9 +125,10 @@ say = print if master else (lambda *a, **k: None)
 def epalm_config() -> EPALMConfig:
     if inject == "input":  # the LiMBeR-style baseline: one token, prepended at the input layer
         return EPALMConfig(num_levels=1, inject_start=0, inject_end=1, shared_connector=True,
-                           prompt_length=prompt_length, prompt_mlp=prompt_mlp)
+                           prompt_length=prompt_length, prompt_mlp=prompt_mlp, media_tokens=media_tokens)
     return EPALMConfig(num_levels=num_levels, inject_start=inject_start, inject_end=inject_end,
-                       shared_connector=shared_connector, prompt_length=prompt_length, prompt_mlp=prompt_mlp)
+                       shared_connector=shared_connector, prompt_length=prompt_length, prompt_mlp=prompt_mlp,
+                       media_tokens=media_tokens)
 
 
 def run_config() -> dict:

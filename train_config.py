@@ -85,7 +85,8 @@ def check(s: dict) -> None:
                 "log_interval": 1, "num_levels": 1, "inject_start": 0, "inject_end": 1, "prompt_length": 0,
                 "warmup_iters": 0, "lr_decay_iters": 1, "lr": 0, "prompt_lr": 0,
                 "weight_decay": 0, "min_lr_ratio": 0, "grad_clip": 0, "num_workers": 0, "eval_samples": 0,
-                "num_beams": 1, "max_new_tokens": 1, "toy_train_samples": 1, "toy_eval_samples": 1, "seed": 0}
+                "num_beams": 1, "max_new_tokens": 1, "toy_train_samples": 1, "toy_eval_samples": 1, "seed": 0,
+                "media_tokens": 1}
     for k, low in at_least.items():
         if s.get(k) is not None and s[k] < low:
             configurator.fail(f"--{k} {s[k]}: expected at least {low}")

@@ -19,6 +19,7 @@ TABLE = [
     ("train.py", "--batch_size 0", "--batch_size 0: expected at least 1"),
     ("train.py", "--eval_interval 0", "--eval_interval 0: expected at least 1"),
     ("train.py", "--prompt_length -1", "--prompt_length -1: expected at least 0"),
+    ("train.py", "--media_tokens 0", "--media_tokens 0: expected at least 1"),
     ("train.py", "--max_iters None", "--max_iters None: expected an integer"),
     ("train.py", "--num_levels 100", "--num_levels 100: more levels than the 2 layers of the injection window"),
     ("train.py", "--inject_start 3 --inject_end 2", "--inject_start 3 --inject_end 2: the injection window [3, 2) "

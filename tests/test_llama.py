@@ -154,17 +154,31 @@ def test_greedy_and_beam_search_match_transformers_with_an_eos_list(case, seed, 
     assert m.generate(None, ids, mask, max_new_tokens=12, num_beams=3) == theirs
 
 
+@pytest.mark.parametrize("case,tokens", [("llama-kv1-untied", 4), ("qwen2-kv2-tied-qkv-bias", 2)])
+def test_media_tokens_per_level_are_the_query_heads_per_key_value_head(case, tokens, tmp_path):
+    m, _ = epalm(case, tmp_path)
+    H = m.lm.config.hidden_size
+    assert m.media_tokens == tokens and m.connector[0].out_features == tokens * H
+    feats = torch.randn(3, 2, m.encoder.hidden_size)
+    inj = m.inject_tokens(features=feats)
+    assert inj.shape == (3, 2, tokens, H)
+    torch.testing.assert_close(inj[1, 0, -1], m.connector[0](feats[1, 0])[-H:])  # the tokens are the output cut
+    one = EPALM(m.lm, m.encoder, EPALMConfig(num_levels=2, prompt_length=0, media_tokens=1))  # eP-ALM's layout
+    assert one.media_tokens == 1 and one.inject_tokens(features=feats).shape == (3, 2, 1, H)
+
+
 def test_prefill_and_decode_steps_equal_transformers_logits(tmp_path):
     m, ref = epalm("qwen2-kv2-tied-qkv-bias", tmp_path)
     ids, mask = batch()  # left pads (0, 3, 5): the third row's prefill is all padding
     n, T = 5, ids.shape[1]
     with torch.no_grad():
         want = ref(ids, attention_mask=mask).logits
-        cache = m.lm.new_cache(3, 1 + T)
-        assert cache[0].k.shape == (3, 2, 1 + T, 6)  # key-value heads only
+        M = m.media_tokens  # the first text slot: the media tokens' slots come first
+        cache = m.lm.new_cache(3, M + T)
+        assert cache[0].k.shape == (3, 2, M + T, 6)  # key-value heads only
         first, valid = generate.prefill(m, ids[:, :n], mask[:, :n], None, cache, T - n)
         positions = m.lm.position_ids(mask)
-        got = [first] + [generate.decode_one_token(m, cache, ids[:, t], positions[:, t], torch.tensor([1 + t]),
+        got = [first] + [generate.decode_one_token(m, cache, ids[:, t], positions[:, t], torch.tensor([M + t]),
                                                    valid) for t in range(n, T)]
     for i, logits in enumerate(got):
         real = mask[:, n - 1 + i].bool()
@@ -172,25 +186,27 @@ def test_prefill_and_decode_steps_equal_transformers_logits(tmp_path):
 
 
 def reference_forward(m, feats, ids):
-    """The method written out for one unpadded sample, layer by layer, plain causal attention: the media token
-    at position -(P+1), the prompt at -P..-1, the text from 0 (model.py's docstring)."""
-    lm, P, K = m.lm, m.config.prompt_length, m.config.num_levels
-    inj = torch.stack([m.connector[0](feats[k]) for k in range(K)])
+    """The method written out for one unpadded sample, layer by layer, plain causal attention: the M media
+    tokens of a level (the connector's output cut in M) at positions -(P+M)..-(P+1), the prompt at -P..-1, the
+    text from 0 (model.py's docstring)."""
+    lm, P, K, M = m.lm, m.config.prompt_length, m.config.num_levels, m.media_tokens
+    inj = torch.stack([m.connector[0](feats[k]).view(M, -1) for k in range(K)])
     h = torch.cat([m.prompt_vectors(), lm.embed_tokens(ids)])
     pos = torch.arange(-P, len(ids))
     width = m.end - m.start
     for i, layer in enumerate(lm.layers):
         level = [k for k in range(K) if m.start + (k * width) // K == i]
         if i == m.start:
-            h, pos = torch.cat([inj[0][None], h]), torch.arange(-P - 1, len(ids))
+            h, pos = torch.cat([inj[0], h]), torch.arange(-P - M, len(ids))
         elif level:
-            h = torch.cat([inj[level[0]][None], h[1:]])
+            h = torch.cat([inj[level[0]], h[M:]])
         h = layer(h[None], None, rotary=lm.rotary(pos[None]))[0]
     return lm.logits(h[None, -len(ids):])[0]
 
 
 def test_injection_matches_the_method_written_out(tmp_path):
     m, _ = epalm("llama3-rope-kv2-tied-bias", tmp_path, prompt_length=3, layers=5)
+    assert m.media_tokens == 2  # 4 query heads per 2 key-value heads
     torch.manual_seed(0)
     img = torch.randn(1, 3, 16, 16)
     ids = torch.tensor([[1, 5, 6, 7, 8]])
@@ -230,7 +246,7 @@ def test_media_enters_only_at_the_window(tmp_path):
     for i in range(len(m.lm.layers)):
         same = torch.equal(runs[0][i], runs[1][i])
         assert same == (i < m.start), i
-        assert runs[0][i].shape[1] == 2 + 4 + (i >= m.start)  # the media slot exists from the window on
+        assert runs[0][i].shape[1] == 2 + 4 + m.media_tokens * (i >= m.start)  # media slots from the window on
 
 
 @pytest.mark.slow
@@ -352,3 +368,21 @@ def test_fsdp_shards_one_unit_per_layer_and_gives_the_same_logits(tmp_path):
         # the two processes print at once: lines may run together, so the numbers are matched exactly
         diff, share = re.search(rf"rank {rank}: diff (\d\.\d\de[-+]\d+) share (\d\.\d{{3}})", p.stdout).groups()
         assert float(diff) < 1e-5 and 0.4 < float(share) < 0.6, p.stdout  # each process: about half of each layer
+
+
+def test_an_adapter_saved_before_media_tokens_existed_loads_with_one_token(tmp_path):
+    import checkpoint
+    import hub
+    lm_dir, vit_dir = str(ROOT / "toy" / "llama"), str(ROOT / "toy" / "vit")  # the shipped toy backbones
+    lm, _, encoder = load_backbones("image", lm_dir, vit_dir)
+    torch.manual_seed(0)
+    model = EPALM(lm, encoder, EPALMConfig(num_levels=2, media_tokens=1))
+    epalm = {k: v for k, v in model.config.__dict__.items() if k != "media_tokens"}  # the older config
+    config = {"modality": "image", "task": "caption", "dataset": "toy", "lm": lm_dir, "encoder": vit_dir,
+              "epalm": epalm}
+    hub.save_adapter(model, tmp_path / "ckpt.safetensors", config)
+    again, _, _ = checkpoint.load_model(tmp_path)
+    assert again.media_tokens == 1 and EPALM(lm, encoder, EPALMConfig(num_levels=2)).media_tokens == 2
+    img, ids = torch.randn(1, 3, 32, 32), torch.tensor([[2, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(img, ids)[0], model(img, ids)[0])

@@ -135,6 +135,7 @@ def test_only_connector_and_prompt_learn(tmp_path):
     frozen = {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("lm.", "encoder."))}
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable == {"prompt", "connector.0.weight", "connector.0.bias"}
+    assert m.media_tokens == 1  # OPT: one token per level, as in eP-ALM
     opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-2)
     img = torch.randn(2, 3, 16, 16)
     ids, mask = left_padded([[2, 5, 6, 7], [2, 8, 9]])
