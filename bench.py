@@ -309,9 +309,27 @@ def step_fn(model, media, ids, mask, features=None, forward=None):
     return step
 
 
+def saved_for_backward(model, ids, mask, features) -> int:
+    """Bytes of the activations autograd keeps for one step's backward pass (the frozen weights it also keeps
+    pointers to are not counted: they are in memory anyway). Exact and the same on every device."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(None, ids, mask, ids, features=features)
+    del loss
+    return sum(kept.values())
+
+
 def bench_train_step(mode: dict, device: str, notes: list) -> dict:
-    """The eP-ALM training step in four settings, per modality; MFU against this machine's fp32 matmul rate,
-    measured by a probe that takes its turn among the steps (so both see the same load)."""
+    """The eP-ALM training step in five settings, per modality; MFU against this machine's fp32 matmul rate,
+    measured by a probe that takes its turn among the steps (so both see the same load); the activations kept for
+    the backward pass of the late-injection step without prompt against the input prefix (the paper's efficiency
+    argument: late injection lets the backward pass stop at the window)."""
     out = {}
     B, T, P, R = mode["step_batch"], mode["text"], mode["prompt"], mode["repeats"]
     lm_name, enc_name = mode["lms"][0], mode["encoders"][0]
@@ -325,9 +343,13 @@ def bench_train_step(mode: dict, device: str, notes: list) -> dict:
         # prompt off: the first trainable input is the injected token at layer `start`, so autograd records
         # nothing below it (model.py creates no prompt parameter at all then)
         cut = EPALM(model.lm, model.encoder, EPALMConfig(num_levels=mode["levels"], prompt_length=0))
+        # train.py --inject input: the last level's token as a prefix at layer 0, the prompt kept
+        prefix = EPALM(model.lm, model.encoder, EPALMConfig(num_levels=1, inject_start=0, inject_end=1,
+                                                            prompt_length=P))
         fns = {"plain": step_fn(model, media, ids, mask),
                "cached": step_fn(model, None, ids, mask, feats),
-               "cached_noprompt": step_fn(cut, None, ids, mask, feats)}
+               "cached_noprompt": step_fn(cut, None, ids, mask, feats),
+               "cached_input_prefix": step_fn(prefix, None, ids, mask, feats[:, -1:])}
         compile_s = None
         if mode["compile"]:
             compiled = torch.compile(cut)
@@ -345,7 +367,7 @@ def bench_train_step(mode: dict, device: str, notes: list) -> dict:
         cut_bwd = lm_step_flops(lm_cfg, B, T, 0, model.start, model.start)
         enc = encoder_flops(model.encoder, B)
         flops = {"plain": full_bwd + enc, "cached": full_bwd, "cached_noprompt": cut_bwd,
-                 "cached_noprompt_compiled": cut_bwd}
+                 "cached_noprompt_compiled": cut_bwd, "cached_input_prefix": lm_step_flops(lm_cfg, B, T, P, 0, 0)}
         row = {"matmul_gflops": rate / 1e9, "batch": B, "text_tokens": T, "prompt": P, "levels": mode["levels"], "inject": [model.start, model.end],
                "frozen_params_with_grad": grads_on_frozen}
         for name, s in t.items():
@@ -353,11 +375,17 @@ def bench_train_step(mode: dict, device: str, notes: list) -> dict:
                          "mfu": flops[name] / s / rate}
         row["cached_vs_plain"] = t["plain"] / t["cached"]
         row["noprompt_vs_cached"] = t["cached"] / t["cached_noprompt"]
+        row["noprompt_vs_input_prefix"] = t["cached_input_prefix"] / t["cached_noprompt"]
+        for name, m, f in (("cached", model, feats), ("cached_noprompt", cut, feats),
+                           ("cached_input_prefix", prefix, feats[:, -1:])):
+            row[name]["saved_mib"] = saved_for_backward(m, ids, mask, f) / 2 ** 20
+        row["saved_input_prefix_vs_noprompt"] = (row["cached_input_prefix"]["saved_mib"]
+                                                 / row["cached_noprompt"]["saved_mib"])
         if compile_s is not None:
             row["compile_time_s"] = compile_s
             row["compiled_vs_eager"] = t["cached_noprompt"] / t["cached_noprompt_compiled"]
         out[modality] = row
-        del model, cut
+        del model, cut, prefix
     if not mode["compile"]:
         notes.append("train_step: the compiled setting is skipped in this mode (compile time); the full run has it")
     return out
@@ -942,9 +970,11 @@ TABLES = [
         ("batch", "batch", "d"), ("ours s", "train_ours_s", ".3f"), ("transformers s", "train_transformers_s", ".3f"),
         ("speedup", "train_speedup", ".2f")]),
     ("train_step", "tflop", "train step", [
-        ("s", "s", ".3f"), ("samples/s", "samples_per_s", ".2f"), ("TFLOP", "tflop", ".3f"), ("MFU", "mfu", ".0%")]),
+        ("s", "s", ".3f"), ("samples/s", "samples_per_s", ".2f"), ("TFLOP", "tflop", ".3f"), ("MFU", "mfu", ".0%"),
+        ("saved MiB", "saved_mib", ".1f")]),
     ("train_step", "cached_vs_plain", "train step", [
-        ("cached/plain", "cached_vs_plain", ".2f"), ("matmul GFLOP/s", "matmul_gflops", ".0f")]),
+        ("cached/plain", "cached_vs_plain", ".2f"), ("prefix/late s", "noprompt_vs_input_prefix", ".2f"),
+        ("prefix/late MiB", "saved_input_prefix_vs_noprompt", ".2f"), ("matmul GFLOP/s", "matmul_gflops", ".0f")]),
     ("generate", "same_tokens", "generate", [
         ("family", "family", ""), ("new x batch", lambda r: f"{r['new_tokens']}x{r['batch']}"),
         ("ours s", "ours_s", ".4f"), ("transformers s", "transformers_s", ".4f"), ("speedup", "speedup", ".2f"),

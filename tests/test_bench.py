@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+from model import EPALM, EPALMConfig
 from conftest import ROOT
 
 
@@ -53,6 +54,16 @@ def test_every_section_has_finite_positive_timings(results):
             v = results["train_step"][modality][name]
             assert v["s"] > 0 and 0 < v["mfu"] and v["tflop"] > 0, (modality, name)
     assert results["notes"], "skipped variants must be explained"
+
+
+@pytest.mark.slow
+def test_late_injection_without_prompt_keeps_least_for_the_backward_pass(results):
+    # the paper's efficiency argument: with the prompt off, autograd records nothing below the window
+    for modality in ("image", "audio"):
+        row = results["train_step"][modality]
+        late, prefix = row["cached_noprompt"]["saved_mib"], row["cached_input_prefix"]["saved_mib"]
+        assert 0 < late < row["cached"]["saved_mib"] and late < prefix, modality
+        assert row["saved_input_prefix_vs_noprompt"] == pytest.approx(prefix / late)
 
 
 @pytest.mark.slow
@@ -103,11 +114,12 @@ def test_frozen_weights_get_no_gradients_and_bf16_has_no_fp32_copy(results):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prompt", [2, 0])
-def test_train_step_flops_match_torch_flop_counter(prompt):
+@pytest.mark.parametrize("prompt,inject", [(2, "late"), (0, "late"), (2, "input")])
+def test_train_step_flops_match_torch_flop_counter(prompt, inject):
     # torch's FlopCounterMode counts every matmul/attention product autograd really runs, forward and backward:
     # an independent count of what the step needs (prompt on: the gradient crosses every layer; off: from the
-    # injection window on). It also counts the connector's own weight gradient, which bench leaves out (tiny).
+    # injection window on; the input prefix: every layer, the token there from layer 0). It also counts the
+    # connector's own weight gradient, which bench leaves out (tiny).
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     mode = bench.MODES["tiny"]
@@ -115,6 +127,10 @@ def test_train_step_flops_match_torch_flop_counter(prompt):
     B, T = 2, 8
     ids = torch.randint(4, model.lm.config.vocab_size, (B, T))
     feats = model.encode(bench.media_input("vit", model.encoder, B))
+    if inject == "input":  # as bench_train_step builds it
+        model = EPALM(model.lm, model.encoder, EPALMConfig(num_levels=1, inject_start=0, inject_end=1,
+                                                           prompt_length=prompt))
+        feats = feats[:, -1:]
     # the math kernel runs attention as plain batched products, which the counter sees
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         _, loss = model(None, ids, torch.ones_like(ids), ids, features=feats)
