@@ -94,8 +94,9 @@ The adaptation parameters of eP-ALM (Shukor, Dancette, Cord, "eP-ALM: Efficient 
 Language Models", ICCV 2023; official code github.com/mshukor/eP-ALM), trained with epalm, a minimal
 reimplementation. The frozen language model {describe(config['lm'])} is given {modality} perception: the [CLS]
 tokens of the last {config['epalm']['num_levels']} blocks of the frozen encoder {describe(config['encoder'])} go
-through a linear connector into its layers {model.start} to {model.end - 1} (of {len(model.lm.layers)}), after a
-soft prompt of {config['epalm']['prompt_length']} vectors. Only those train: {trainable:,} parameters
+through a linear connector{tokens_each(model)}
+into its layers {model.start} to {model.end - 1} (of {len(model.lm.layers)}), after a soft prompt of
+{config['epalm']['prompt_length']} vectors. Only those train: {trainable:,} parameters
 ({100 * trainable / total:.3f}% of {total:,}). `ckpt.safetensors` holds them with the run's configuration as
 metadata; that configuration names the backbones, which load from where it says{quantized(config)}.
 
@@ -121,6 +122,12 @@ Data: {data}. Iterations: {config['iter']:,}.
     else:
         text += "Not scored yet: the scores are written when the run ends.\n"
     return text
+
+
+def tokens_each(model) -> str:
+    """How many LM tokens each [CLS] level becomes, as a clause (one, as in eP-ALM, says nothing)."""
+    m = getattr(model, "media_tokens", 1)
+    return "" if m == 1 else f" ({m} tokens each, one per query head sharing a key-value head)"
 
 
 def quantized(config: dict) -> str:

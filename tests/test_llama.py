@@ -382,7 +382,10 @@ def test_an_adapter_saved_before_media_tokens_existed_loads_with_one_token(tmp_p
               "epalm": epalm}
     hub.save_adapter(model, tmp_path / "ckpt.safetensors", config)
     again, _, _ = checkpoint.load_model(tmp_path)
-    assert again.media_tokens == 1 and EPALM(lm, encoder, EPALMConfig(num_levels=2)).media_tokens == 2
+    default = EPALM(lm, encoder, EPALMConfig(num_levels=2))
+    assert again.media_tokens == 1 and default.media_tokens == 2
+    import card  # the model card says so where a level is more than one token
+    assert card.tokens_each(again) == "" and card.tokens_each(default).startswith(" (2 tokens each")
     img, ids = torch.randn(1, 3, 32, 32), torch.tensor([[2, 5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(again(img, ids)[0], model(img, ids)[0])
