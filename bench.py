@@ -392,10 +392,11 @@ def bench_train_step(mode: dict, device: str, notes: list) -> dict:
 
 
 def lm_only(lm) -> EPALM:
-    """EPALM with no media and no soft prompt: plain OPT or Llama, to generate against transformers' generate."""
+    """EPALM with no media and no soft prompt: plain OPT or Llama, to generate against transformers' generate (one
+    media slot, never filled, whatever the LM's heads)."""
     stub = torch.nn.Linear(1, 1)  # a stand-in encoder for the connector's width: no media in these runs
     stub.hidden_size = 1
-    return EPALM(lm, stub, EPALMConfig(num_levels=1, prompt_length=0)).eval()
+    return EPALM(lm, stub, EPALMConfig(num_levels=1, prompt_length=0, media_tokens=1)).eval()
 
 
 def compare_generation(model, ref, ids, mask, new: int, beams: int, repeats: int, device: str = "cpu",
