@@ -325,6 +325,13 @@ def saved_for_backward(model, ids, mask, features) -> int:
     return sum(kept.values())
 
 
+def input_prefix(model, prompt: int) -> EPALM:
+    """train.py --inject input on the same backbones: the last level's token as a prefix at layer 0, the prompt
+    kept (its features: the last level only)."""
+    return EPALM(model.lm, model.encoder, EPALMConfig(num_levels=1, inject_start=0, inject_end=1,
+                                                      prompt_length=prompt))
+
+
 def bench_train_step(mode: dict, device: str, notes: list) -> dict:
     """The eP-ALM training step in five settings, per modality; MFU against this machine's fp32 matmul rate,
     measured by a probe that takes its turn among the steps (so both see the same load); the activations kept for
@@ -343,9 +350,7 @@ def bench_train_step(mode: dict, device: str, notes: list) -> dict:
         # prompt off: the first trainable input is the injected token at layer `start`, so autograd records
         # nothing below it (model.py creates no prompt parameter at all then)
         cut = EPALM(model.lm, model.encoder, EPALMConfig(num_levels=mode["levels"], prompt_length=0))
-        # train.py --inject input: the last level's token as a prefix at layer 0, the prompt kept
-        prefix = EPALM(model.lm, model.encoder, EPALMConfig(num_levels=1, inject_start=0, inject_end=1,
-                                                            prompt_length=P))
+        prefix = input_prefix(model, P)
         fns = {"plain": step_fn(model, media, ids, mask),
                "cached": step_fn(model, None, ids, mask, feats),
                "cached_noprompt": step_fn(cut, None, ids, mask, feats),

@@ -143,8 +143,7 @@ class EPALM(nn.Module):
         prompt_positions = torch.arange(-P, 0, device=tok.device).expand(B, P)
         positions = torch.cat([prompt_positions, position_ids(attention_mask)], 1)
         valid = torch.cat([attention_mask.new_full((B, self.media_tokens), media), attention_mask.new_ones(B, P),
-                           attention_mask],
-                          dim=1).bool()
+                           attention_mask], dim=1).bool()
         return self.lm.embed(tok, positions), positions, valid
 
     def run_layers(self, h, positions, valid, inj=None, cache=None, slots=None):
@@ -177,10 +176,12 @@ class EPALM(nn.Module):
         media one rotary, serve both halves: a decode step pays for them every token."""
         M = self.media_tokens
         slots = torch.arange(M, positions.shape[1] + M, device=valid.device) if slots is None else slots
-        media_slots = torch.arange(M, device=valid.device)
-        late_slots = torch.cat([media_slots, slots]) if media else slots
-        late_positions = torch.cat([(media_slots - M - self.config.prompt_length).expand(positions.shape[0], M),
-                                    positions], 1) if media else positions
+        late_slots, late_positions = slots, positions  # a decode step: no media tokens enter
+        if media:
+            media_slots = torch.arange(M, device=valid.device)
+            late_slots = torch.cat([media_slots, slots])
+            late_positions = torch.cat([(media_slots - M - self.config.prompt_length).expand(len(positions), M),
+                                        positions], 1)
         late = causal_mask(valid, late_slots)
         early = (late[:, :, M:] if media else late) & (torch.arange(valid.shape[1], device=valid.device) >= M)
         if not cached:  # the keys are h's own rows: the media slots only while the media tokens are in h

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import bench
-from model import EPALM, EPALMConfig
 from conftest import ROOT
 
 
@@ -128,9 +127,7 @@ def test_train_step_flops_match_torch_flop_counter(prompt, inject):
     ids = torch.randint(4, model.lm.config.vocab_size, (B, T))
     feats = model.encode(bench.media_input("vit", model.encoder, B))
     if inject == "input":  # as bench_train_step builds it
-        model = EPALM(model.lm, model.encoder, EPALMConfig(num_levels=1, inject_start=0, inject_end=1,
-                                                           prompt_length=prompt))
-        feats = feats[:, -1:]
+        model, feats = bench.input_prefix(model, prompt), feats[:, -1:]
     # the math kernel runs attention as plain batched products, which the counter sees
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         _, loss = model(None, ids, torch.ones_like(ids), ids, features=feats)
