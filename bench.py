@@ -5,7 +5,7 @@ very same tensors through its own key renaming, so both run identical weights on
 things compared alternate and each figure is a median over repeats: these machines are noisy, so only the
 ratios mean anything.
 
-  python bench.py --quick            # CPU, < 3 minutes on 2 cores (CI runs `--tiny` through tests/test_bench.py)
+  python bench.py --quick            # CPU, < 3 minutes on 2 cores (CI runs it with --repeats 1, and the tiny mode)
   python bench.py                    # CPU, the full set (opt-125m and opt-350m, compile), < 15 minutes
   python bench.py --device cuda      # accelerator: OPT-2.7B + ViT-B and OPT-6.7B + ViT-L, bf16, compile, MFU
   python bench.py --generation       # only generation (with --device cuda: the accelerator's, batch 1/16/64)
@@ -1063,6 +1063,8 @@ def main() -> None:
                         help="only train.py under torchrun on 2 CPU processes: DDP vs FSDP, evaluation 1 vs 2")
     parser.add_argument("--out", default="bench.json", help="where the JSON results go")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs behind each median (default: the mode's; 1 is a smoke test, not a timing)")
     parser.add_argument("--quantize", action="store_true",
                         help="only the quantization rows: int8 and int4 against full precision (bytes per parameter "
                              "of the paper's LMs, logit error, step and generation, loading memory; with --device "
@@ -1085,6 +1087,11 @@ def main() -> None:
     mode = dict(MODES[mode_name])
     if args.opt13:
         mode["lms"] = mode["lms"] + ["opt-1.3b"]
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise SystemExit(f"--repeats {args.repeats}: expected at least 1")
+        mode["repeats"] = args.repeats
+        mode["gen_lms"] = [(name, batch, new, args.repeats) for name, batch, new, _ in mode["gen_lms"]]
     t0 = time.perf_counter()
     notes = []
     results = {"mode": mode_name, "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",

@@ -9,6 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 TESTDATA = ROOT / "tests" / "data"  # real files kept in the repository (tests/data/SOURCES.md)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker (and for what it launches),
+    torch.set_num_threads(1)               # so that two workers share two cores instead of fighting over them
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
 
