@@ -186,6 +186,26 @@ def test_greedy_picks_the_first_of_tied_maxima_as_argmax_does():
     assert generate.pick_token(logits).tolist() == logits.argmax(-1).tolist() == [1, 0, 0]
 
 
+@pytest.mark.parametrize("length", [600, 5000, 5120, 15000, 50272])
+def test_blockwise_argmax_and_top_k_equal_torchs(length):
+    # rows long enough to be searched block by block: whole blocks and a tail (5000, 50272) or none (5120); ties
+    # placed across blocks, within one, and between a block and the tail
+    torch.manual_seed(length)
+    x = torch.randn(6, length)
+    x[1, 7] = x[1, length - 3] = 9.0  # first tie in the first block, second in the tail (or the last block)
+    x[2, 130] = x[2, 300] = 9.0       # two blocks
+    x[3, 131] = x[3, 140] = 9.0       # one block
+    x[4, length - 1] = 9.0            # the very last value
+    x[5] = x[5].round(decimals=1)     # many ties everywhere
+    assert torch.equal(generate.first_argmax(x), x.argmax(-1))
+    for k in (1, 2, 6):
+        values, index = generate.top_k(x, k)
+        expected = x.topk(k)
+        assert torch.equal(values, expected.values)
+        assert torch.equal(x.gather(1, index), values) and (index < length).all()
+        assert all(len(set(row)) == k for row in index.tolist())  # k distinct places
+
+
 def test_all_done_decides_when_to_stop_and_layers_run_through_call(tmp_path):
     # with a hook that never agrees, rows finished early keep being fed (all ranks run the same steps) and the
     # tokens do not change; every LM layer and encoder block is called through its module (FSDP's hooks)
